@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Set up everything netd needs on a fresh Debian/Ubuntu machine: the Debian packages
+# that systemd-python builds against (and, with --test, the real programs the tests
+# drive), then a virtualenv in .venv with netd installed in editable mode.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+want_tests=no
+[ "${1:-}" = "--test" ] && want_tests=yes
+
+packages=(libsystemd-dev pkg-config gcc python3-dev python3-venv)
+[ "$want_tests" = yes ] && packages+=(rsync tftpd-hpa tftp-hpa git socat)
+
+missing=()
+for p in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    echo "setup: installing Debian packages: ${missing[*]}" >&2
+    $sudo apt-get update -q >&2
+    # policy-rc.d keeps packaged daemons (tftpd-hpa) from being started by the install.
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${missing[@]}" >&2
+fi
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    "$python" -m venv .venv
+fi
+extra=""
+[ "$want_tests" = yes ] && extra="[test]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extra}" >&2

@@ -1,0 +1,110 @@
+"""The configuration as frozen, typed objects: what the rest of netd reads.
+
+Nothing downstream of netd.config sees YAML or raw dicts; these objects are built
+once by netd.config.validate and compared field by field on reload.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass, field
+from typing import Literal
+
+Scheme = Literal["tcp", "udp", "unix", "unix-dgram"]
+HandlerKind = Literal["builtin", "exec", "python"]
+
+
+@dataclass(frozen=True)
+class Address:
+    """One resolved listening address: `spec` as written, plus what to bind.
+
+    For tcp/udp, `family` and `sockaddr` come from getaddrinfo; for unix schemes,
+    `path` is the socket file.
+    """
+
+    spec: str
+    scheme: Scheme
+    family: int = socket.AF_UNIX
+    sockaddr: tuple[str, int] | tuple[str, int, int, int] | None = None
+    path: str | None = None
+
+    @property
+    def socktype(self) -> int:
+        return socket.SOCK_STREAM if self.scheme in ("tcp", "unix") else socket.SOCK_DGRAM
+
+    @property
+    def is_stream(self) -> bool:
+        return self.socktype == socket.SOCK_STREAM
+
+    @property
+    def proto(self) -> str:
+        return self.scheme
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return f"{self.scheme}:{self.path}"
+        assert self.sockaddr is not None
+        host, port = self.sockaddr[0], self.sockaddr[1]
+        host = f"[{host}]" if self.family == socket.AF_INET6 else host
+        return f"{self.scheme}://{host}:{port}"
+
+
+@dataclass(frozen=True)
+class Service:
+    """One configured service: where it listens and what serves each connection."""
+
+    name: str
+    listen: tuple[Address, ...]
+    kind: HandlerKind
+    builtin: str | None = None
+    argv: tuple[str, ...] = ()
+    python: str | None = None
+    wait: bool | None = None
+    env: tuple[tuple[str, str], ...] = ()
+    stderr: Literal["log", "null"] = "log"
+    timeout_s: float = 300.0
+    backlog: int = 128
+
+    def mode(self, address: Address) -> Literal["nowait", "wait", "inline"]:
+        """How connections on `address` are served.
+
+        nowait: a child per connection; wait: one child gets the socket itself (inetd's
+        wait, the default for datagrams); inline: a UDP builtin answered by the supervisor.
+        """
+        if self.kind == "builtin":
+            return "nowait" if address.is_stream else "inline"
+        if self.wait is None:
+            return "nowait" if address.is_stream else "wait"
+        return "wait" if self.wait else "nowait"
+
+    def waits(self, address: Address) -> bool:
+        """True when a child gets the socket on `address` itself (inetd's wait mode)."""
+        return self.mode(address) == "wait"
+
+    @property
+    def handler(self) -> str:
+        """What serves the connections, as an administrator would write it."""
+        if self.kind == "builtin":
+            return f"builtin {self.builtin}"
+        if self.kind == "exec":
+            return "exec " + " ".join(self.argv)
+        return f"python {self.python}"
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Where log lines go and which are kept."""
+
+    to: Literal["syslog", "stderr"] = "syslog"
+    syslog_address: str = "/dev/log"
+    facility: str = "daemon"
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    """A whole, valid configuration."""
+
+    path: str
+    log: LogConfig = LogConfig()
+    services: tuple[Service, ...] = field(default_factory=tuple)

@@ -1,0 +1,345 @@
+"""Turn located YAML values into a frozen Config, collecting every error on the way.
+
+Each error reads `FILE:LINE: dotted.key: message`; all of them are reported at once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import glob
+import importlib
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from typing import Any, cast
+
+from netd.config.addresses import AddressError, parse_address
+from netd.config.model import Address, Config, LogConfig, Service
+from netd.config.yamlsource import Mapping, Sequence, Where, YamlError, load_file
+from netd.handlers.builtins import BUILTINS
+
+FACILITIES = ("kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp",
+              "cron", "authpriv", "ftp", "local0", "local1", "local2", "local3", "local4",
+              "local5", "local6", "local7")
+LEVELS = ("debug", "info", "notice", "warning", "err", "crit", "alert", "emerg")
+TOP_KEYS = ("log", "include", "defaults", "services")
+LOG_KEYS = ("to", "syslog_address", "facility", "level")
+HANDLER_KEYS = ("builtin", "exec", "python")
+DEFAULTABLE_KEYS = ("wait", "env", "stderr", "timeout", "backlog")
+SERVICE_KEYS = ("listen", *HANDLER_KEYS, *DEFAULTABLE_KEYS)
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+DURATION_UNITS_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+class ConfigError(Exception):
+    """A configuration that cannot be used: `errors` lists every problem found."""
+
+    def __init__(self, errors: list[str]) -> None:
+        super().__init__("\n".join(errors))
+        self.errors = errors
+
+@dataclass
+class _Errors:
+    items: list[str]
+
+    def add(self, where: Where, key: str, message: str) -> None:
+        self.items.append(f"{where}: {key}: {message}" if key else f"{where}: {message}")
+
+def load_config(path: str) -> Config:
+    """Read, include, merge and validate the config at `path`; raises ConfigError."""
+    errors = _Errors([])
+    path = os.path.abspath(path)
+    root = _load_mapping(path, errors)
+    if root is None:
+        raise ConfigError(errors.items)
+    _check_keys(root, TOP_KEYS, "", errors)
+    log = _log_config(root, errors)
+    sources = _service_sources(root, path, errors)
+    defaults = _defaults(root, errors)
+    services = []
+    for name, (body, where) in sources.items():
+        service = _service(name, body, where, defaults, errors)
+        if service is not None:
+            services.append(service)
+    if errors.items:
+        raise ConfigError(errors.items)
+    return Config(path=path, log=log, services=tuple(services))
+
+def _load_mapping(path: str, errors: _Errors) -> Mapping | None:
+    try:
+        value = load_file(path)
+    except YamlError as e:
+        errors.add(e.where, "", e.message)
+        return None
+    except OSError as e:
+        errors.items.append(f"{path}: cannot read: {e.strerror}")
+        return None
+    if value is None:
+        empty = Mapping()
+        empty.where, empty.key_where = Where(path, 1), {}
+        return empty
+    if not isinstance(value, Mapping):
+        errors.add(Where(path, 1), "", f"expected a mapping of keys, got {_kind(value)}")
+        return None
+    return value
+
+def _check_keys(mapping: Mapping, allowed: tuple[str, ...], prefix: str, errors: _Errors) -> None:
+    for key in mapping:
+        if key not in allowed:
+            hint = difflib.get_close_matches(key, allowed, n=1)
+            also = f"; did you mean '{hint[0]}'?" if hint else f" (expected one of: {', '.join(allowed)})"
+            errors.add(mapping.key_where[key], prefix + key, f"unknown key{also}")
+
+def _kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    if value is None:
+        return "nothing"
+    return f"{type(value).__name__} {value!r}"
+
+def _get(mapping: Mapping, key: str, want: type | tuple[type, ...], dotted: str,
+         errors: _Errors, what: str) -> Any:
+    """mapping[key] if present and of type `want`; otherwise None (and an error if wrong)."""
+    if key not in mapping:
+        return None
+    value = mapping[key]
+    wants = want if isinstance(want, tuple) else (want,)
+    # YAML's true/false are ints to isinstance; only a bool setting accepts them.
+    if not isinstance(value, wants) or (isinstance(value, bool) and bool not in wants):
+        errors.add(mapping.key_where[key], dotted, f"expected {what}, got {_kind(value)}")
+        return None
+    return value
+
+def _section(root: Mapping, key: str, errors: _Errors) -> Mapping:
+    value = _get(root, key, dict, key, errors, "a mapping")
+    if value is None:
+        empty = Mapping()
+        empty.where, empty.key_where = root.where, {}
+        return empty
+    return cast(Mapping, value)
+
+def _choice(mapping: Mapping, key: str, choices: tuple[str, ...], dotted: str,
+            errors: _Errors) -> str | None:
+    value = _get(mapping, key, str, dotted, errors, "a string")
+    if value is not None and value not in choices:
+        hint = difflib.get_close_matches(value, choices, n=1)
+        also = f"; did you mean '{hint[0]}'?" if hint else ""
+        errors.add(mapping.key_where[key], dotted,
+                   f"'{value}' is not one of {', '.join(choices)}{also}")
+        return None
+    return value
+
+def _log_config(root: Mapping, errors: _Errors) -> LogConfig:
+    log = _section(root, "log", errors)
+    _check_keys(log, LOG_KEYS, "log.", errors)
+    default = LogConfig()
+    to = _choice(log, "to", ("syslog", "stderr"), "log.to", errors) or default.to
+    address = _get(log, "syslog_address", str, "log.syslog_address", errors, "a path or udp://host:port")
+    facility = _choice(log, "facility", FACILITIES, "log.facility", errors) or default.facility
+    level = _choice(log, "level", LEVELS, "log.level", errors) or default.level
+    return LogConfig(to=cast(Any, to), syslog_address=address or default.syslog_address,
+                     facility=facility, level=level)
+
+def _service_sources(root: Mapping, path: str, errors: _Errors) -> dict[str, tuple[Mapping, Where]]:
+    """Every service body by name, from the main file then the includes in sorted order."""
+    sources: dict[str, tuple[Mapping, Where]] = {}
+    _collect_services(root, "services", sources, errors)
+    includes = _get(root, "include", (list, str), "include", errors, "a list of globs")
+    if includes is None:
+        return sources
+    patterns = [includes] if isinstance(includes, str) else includes
+    base = os.path.dirname(path)
+    for i, pattern in enumerate(patterns):
+        where = root.key_where["include"] if isinstance(includes, str) else includes.item_where[i]
+        if not isinstance(pattern, str):
+            errors.add(where, f"include[{i}]", f"expected a glob string, got {_kind(pattern)}")
+            continue
+        for file in sorted(glob.glob(os.path.join(base, pattern))):
+            if file == path or os.path.isdir(file):
+                continue
+            included = _load_mapping(file, errors)
+            if included is None:
+                continue
+            _check_keys(included, ("services",), "", errors)
+            _collect_services(included, "services", sources, errors)
+    return sources
+
+def _collect_services(doc: Mapping, key: str, sources: dict[str, tuple[Mapping, Where]],
+                      errors: _Errors) -> None:
+    services = _get(doc, key, dict, key, errors, "a mapping of service names")
+    for name, body in (services or {}).items():
+        where = services.key_where[name]
+        if not SERVICE_NAME.match(name):
+            errors.add(where, f"services.{name}",
+                       "a service name is letters, digits, '.', '_' and '-'")
+            continue
+        if name in sources:
+            errors.add(where, f"services.{name}",
+                       f"service '{name}' is defined twice (also at {sources[name][1]})")
+            continue
+        if not isinstance(body, Mapping):
+            errors.add(where, f"services.{name}", f"expected a mapping, got {_kind(body)}")
+            continue
+        sources[name] = (body, where)
+
+def _defaults(root: Mapping, errors: _Errors) -> Mapping:
+    defaults = _section(root, "defaults", errors)
+    _check_keys(defaults, DEFAULTABLE_KEYS, "defaults.", errors)
+    return defaults
+
+def _service(name: str, body: Mapping, where: Where, defaults: Mapping,
+             errors: _Errors) -> Service | None:
+    prefix = f"services.{name}."
+    _check_keys(body, SERVICE_KEYS, prefix, errors)
+    before = len(errors.items)
+
+    def setting(key: str, want: type | tuple[type, ...], what: str) -> tuple[Any, Mapping]:
+        source = body if key in body else defaults
+        label = prefix + key if key in body else "defaults." + key
+        return _get(source, key, want, label, errors, what), source
+
+    listen = _listen(body, prefix, where, errors)
+    handlers = [k for k in HANDLER_KEYS if k in body]
+    if len(handlers) != 1:
+        message = ("needs one of builtin, exec or python" if not handlers
+                   else f"has {' and '.join(handlers)}; exactly one of builtin, exec or python")
+        errors.add(where, prefix.rstrip("."), message)
+    env = _env(body, defaults, prefix, errors)
+    builtin = argv = python = None
+    if handlers == ["builtin"]:
+        builtin = _choice(body, "builtin", tuple(BUILTINS), prefix + "builtin", errors)
+    elif handlers == ["exec"]:
+        argv = _argv(body, prefix, dict(env), errors)
+    elif handlers == ["python"]:
+        python = _python(body, prefix, errors)
+
+    wait, source = setting("wait", bool, "true or false")
+    if wait and handlers == ["builtin"] and "wait" in body:
+        errors.add(body.key_where["wait"], prefix + "wait",
+                   "builtins serve streams nowait and datagrams in the supervisor; remove it")
+    stderr_mode = None
+    if "stderr" in body or "stderr" in defaults:
+        source = body if "stderr" in body else defaults
+        label = prefix + "stderr" if "stderr" in body else "defaults.stderr"
+        stderr_mode = _choice(source, "stderr", ("log", "null"), label, errors)
+    timeout_s = _duration_setting("timeout", body, defaults, prefix, errors)
+    backlog, source = setting("backlog", int, "a number of connections")
+    if backlog is not None and not 1 <= backlog <= 65535:
+        errors.add(source.key_where["backlog"], prefix + "backlog", "must be 1-65535")
+    if len(errors.items) > before or listen is None:
+        return None
+    return Service(
+        name=name, listen=tuple(listen), kind=cast(Any, handlers[0]), builtin=builtin,
+        argv=tuple(argv or ()), python=python,
+        wait=None if handlers == ["builtin"] else wait, env=env,
+        stderr=cast(Any, stderr_mode or "log"),
+        timeout_s=300.0 if timeout_s is None else timeout_s,
+        backlog=backlog or 128,
+    )
+
+def _listen(body: Mapping, prefix: str, where: Where, errors: _Errors) -> list[Address] | None:
+    if "listen" not in body:
+        errors.add(where, prefix + "listen", "is required (for example tcp://127.0.0.1:7007)")
+        return None
+    value = body["listen"]
+    specs: list[tuple[str, Where]]
+    if isinstance(value, str):
+        specs = [(value, body.key_where["listen"])]
+    elif isinstance(value, Sequence) and value:
+        specs = list(zip(value, value.item_where))
+    else:
+        errors.add(body.key_where["listen"], prefix + "listen",
+                   f"expected an address or a list of addresses, got {_kind(value)}")
+        return None
+    addresses: list[Address] = []
+    for spec, spec_where in specs:
+        if not isinstance(spec, str):
+            errors.add(spec_where, prefix + "listen", f"expected an address, got {_kind(spec)}")
+            continue
+        try:
+            addresses.extend(parse_address(spec))
+        except AddressError as e:
+            errors.add(spec_where, prefix + "listen", str(e))
+    return addresses
+
+def _env(body: Mapping, defaults: Mapping, prefix: str, errors: _Errors) -> tuple[tuple[str, str], ...]:
+    merged: dict[str, str] = {}
+    for source, label in ((defaults, "defaults.env"), (body, prefix + "env")):
+        env = _get(source, "env", dict, label, errors, "a mapping of NAME: value")
+        for key, value in (env or {}).items():
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                errors.add(env.key_where[key], f"{label}.{key}",
+                           f"expected a string, got {_kind(value)}")
+            elif "=" in key or "\0" in key or not key:
+                errors.add(env.key_where[key], f"{label}.{key}", "not a valid variable name")
+            else:
+                merged[key] = str(value)
+    return tuple(merged.items())
+
+def _argv(body: Mapping, prefix: str, env: dict[str, str], errors: _Errors) -> list[str] | None:
+    argv = _get(body, "exec", list, prefix + "exec", errors, "an argv list like [/bin/cat]")
+    if argv is None:
+        return None
+    where = body.key_where["exec"]
+    if not argv or not all(isinstance(a, (str, int)) and not isinstance(a, bool) for a in argv):
+        errors.add(where, prefix + "exec", "expected a non-empty list of strings")
+        return None
+    argv = [str(a) for a in argv]
+    program = shutil.which(argv[0], path=env.get("PATH", DEFAULT_PATH))
+    if program is None:
+        problem = "does not exist" if not os.path.exists(argv[0]) else "is not executable"
+        errors.add(where, prefix + "exec", f"program '{argv[0]}' {problem}")
+        return None
+    return [os.path.abspath(program), *argv[1:]]
+
+def _python(body: Mapping, prefix: str, errors: _Errors) -> str | None:
+    spec = _get(body, "python", str, prefix + "python", errors, "module:function")
+    if spec is None:
+        return None
+    where = body.key_where["python"]
+    module_name, colon, function = spec.partition(":")
+    if not colon or not module_name or not function:
+        errors.add(where, prefix + "python", f"'{spec}' is not module:function")
+        return None
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # any failure of user code at import is a config error
+        errors.add(where, prefix + "python",
+                   f"cannot import module '{module_name}': {type(e).__name__}: {e}")
+        return None
+    target = getattr(module, function, None)
+    if not callable(target):
+        errors.add(where, prefix + "python",
+                   f"module '{module_name}' has no function '{function}'")
+        return None
+    return spec
+
+def _duration_setting(key: str, body: Mapping, defaults: Mapping, prefix: str,
+                      errors: _Errors) -> float | None:
+    source = body if key in body else defaults
+    if key not in source:
+        return None
+    label = prefix + key if source is body else "defaults." + key
+    value = source[key]
+    seconds = parse_duration(value)
+    if seconds is None:
+        errors.add(source.key_where[key], label,
+                   f"'{value}' is not a duration (like 10s, 500ms, 2m, 1h)")
+    return seconds
+
+def parse_duration(value: Any) -> float | None:
+    """Seconds in `value` (10s, 500ms, 2m, 1h, or a number), or None when it is not one."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value) if value >= 0 else None
+    if not isinstance(value, str):
+        return None
+    match = DURATION.match(value)
+    if match is None:
+        return None
+    return float(match.group(1)) * DURATION_UNITS_S[match.group(2)]

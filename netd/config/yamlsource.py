@@ -1,0 +1,117 @@
+"""YAML to plain values that remember where they came from (file and line).
+
+PyYAML's composer gives a node tree with marks; this module turns it into `Mapping`
+and `Sequence` values (dict and list subclasses) that carry the line of every key
+and item, so validation can say `FILE:LINE: key: message`. Aliases are expanded with
+a budget, so a "billion laughs" document is an error, not a hang.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+MAX_NODES = 100_000
+
+
+@dataclass(frozen=True)
+class Where:
+    """A place in a config file, printed as FILE:LINE."""
+
+    file: str
+    line: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+class YamlError(Exception):
+    """A file that is not readable YAML; `where` says where it went wrong."""
+
+    def __init__(self, where: Where, message: str) -> None:
+        super().__init__(f"{where}: {message}")
+        self.where = where
+        self.message = message
+
+
+class Mapping(dict[str, Any]):
+    """A YAML mapping: a dict plus `where` (its own place) and `key_where` (each key's)."""
+
+    where: Where
+    key_where: dict[str, Where]
+
+
+class Sequence(list[Any]):
+    """A YAML sequence: a list plus `where` and `item_where` (each item's place)."""
+
+    where: Where
+    item_where: list[Where]
+
+
+def load_file(path: str) -> Any:
+    """Read and parse one YAML file into located values; raises YamlError or OSError."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise YamlError(Where(path, line), f"not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark else 1
+        raise YamlError(Where(path, line), f"invalid YAML: {e.problem or e}") from None
+    except yaml.YAMLError as e:
+        raise YamlError(Where(path, 1), f"invalid YAML: {e}") from None
+    if node is None:
+        return None
+    return _Converter(path).convert(node)
+
+
+class _Converter:
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.budget = MAX_NODES
+        self.scalars = yaml.SafeLoader("")
+
+    def where(self, node: yaml.Node) -> Where:
+        return Where(self.path, node.start_mark.line + 1)
+
+    def convert(self, node: yaml.Node) -> Any:
+        self.budget -= 1
+        if self.budget < 0:
+            raise YamlError(self.where(node), f"document expands to more than {MAX_NODES} "
+                            "values (aliases nested too deep?)")
+        if isinstance(node, yaml.MappingNode):
+            return self.mapping(node)
+        if isinstance(node, yaml.SequenceNode):
+            seq = Sequence(self.convert(item) for item in node.value)
+            seq.where = self.where(node)
+            seq.item_where = [self.where(item) for item in node.value]
+            return seq
+        try:
+            return self.scalars.construct_object(node, deep=True)
+        except yaml.YAMLError as e:
+            raise YamlError(self.where(node), f"invalid value: {e}") from None
+
+    def mapping(self, node: yaml.MappingNode) -> Mapping:
+        result = Mapping()
+        result.where = self.where(node)
+        result.key_where = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                raise YamlError(self.where(key_node), "merge keys (<<) are not supported")
+            key = self.convert(key_node)
+            if not isinstance(key, str):
+                raise YamlError(self.where(key_node), f"key {key!r} must be a string")
+            if key in result:
+                raise YamlError(self.where(key_node),
+                                f"key '{key}' appears twice (first at line "
+                                f"{result.key_where[key].line})")
+            result.key_where[key] = self.where(key_node)
+            result[key] = self.convert(value_node)
+        return result

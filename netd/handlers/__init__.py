@@ -1,0 +1,1 @@
+"""What serves a connection in the child: builtin services and python handlers."""

@@ -1,0 +1,137 @@
+"""Log events: the one formatter (logfmt) and the targets lines go to (syslog, stderr).
+
+Sending to syslog never blocks: the socket is non-blocking, a full queue drops the
+line and counts it, and the count is reported once the socket takes lines again.
+See docs/logging.md for every event and its keys.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+from typing import Protocol
+
+SEVERITIES = {"emerg": 0, "alert": 1, "crit": 2, "err": 3, "warning": 4, "notice": 5,
+              "info": 6, "debug": 7}
+FACILITIES = {"kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5, "lpr": 6,
+              "news": 7, "uucp": 8, "cron": 9, "authpriv": 10, "ftp": 11,
+              **{f"local{i}": 16 + i for i in range(8)}}
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\n": "\\n", "\t": "\\t", "\r": "\\r"}
+
+
+def format_value(value: object) -> str:
+    """One logfmt value: bare when safe, otherwise double-quoted with escapes."""
+    text = str(value)
+    if text and not any(c in ' "=\\' or c < " " or c == "\x7f" for c in text):
+        return text
+    return '"' + "".join(_ESCAPES.get(c, c if c >= " " else f"\\x{ord(c):02x}") for c in text) + '"'
+
+
+def format_event(event: str, fields: dict[str, object]) -> str:
+    """The one log line for `event`: event=NAME, then the fields in the order given."""
+    parts = [f"event={event}"]
+    parts.extend(f"{k}={format_value(v)}" for k, v in fields.items() if v is not None)
+    return " ".join(parts)
+
+
+class Target(Protocol):
+    def send(self, severity: int, line: str) -> bool:
+        """Deliver one line; False when it had to be dropped."""
+        ...
+
+
+class StderrTarget:
+    """Lines on stderr, one per event, as they are (under systemd, the journal keeps them)."""
+
+    def send(self, severity: int, line: str) -> bool:
+        try:
+            sys.stderr.write(line + "\n")
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            return False
+        return True
+
+
+class SyslogTarget:
+    """BSD syslog datagrams (`<PRI>Mmm dd hh:mm:ss netd[PID]: line`) to a Unix or UDP socket."""
+
+    def __init__(self, address: str, facility: str) -> None:
+        self.address = address
+        self.facility = FACILITIES[facility]
+        self.sock = self._connect()
+
+    def _connect(self) -> socket.socket:
+        if self.address.startswith("udp://"):
+            host, _, port = self.address[len("udp://"):].rpartition(":")
+            family, kind, proto, _, sockaddr = socket.getaddrinfo(
+                host.strip("[]"), int(port), 0, socket.SOCK_DGRAM)[0]
+            sock = socket.socket(family, kind, proto)
+            sock.connect(sockaddr)
+        else:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            try:
+                sock.connect(self.address)
+            except OSError:
+                sock.close()
+                raise
+        sock.setblocking(False)
+        return sock
+
+    def send(self, severity: int, line: str) -> bool:
+        now = time.localtime()
+        stamp = time.strftime("%b ", now) + f"{now.tm_mday:2d}" + time.strftime(" %H:%M:%S", now)
+        data = f"<{self.facility * 8 + severity}>{stamp} netd[{os.getpid()}]: {line}".encode()
+        try:
+            self.sock.send(data)
+        except BlockingIOError:
+            return False
+        except OSError:
+            # The syslog daemon restarted (its socket was re-created): reconnect once.
+            try:
+                self.sock.close()
+                self.sock = self._connect()
+                self.sock.send(data)
+            except OSError:
+                return False
+        return True
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+
+class Log:
+    """Where a process's events go; `event()` is the one way to log anything."""
+
+    def __init__(self, target: Target, level: str = "info") -> None:
+        self.target = target
+        self.max_severity = SEVERITIES[level]
+        self.dropped = 0
+
+    def event(self, event: str, level: str = "info", **fields: object) -> None:
+        """Log `event` with `fields` at `level` (a syslog severity name)."""
+        severity = SEVERITIES[level]
+        if severity > self.max_severity:
+            return
+        if self.dropped and self.target.send(SEVERITIES["warning"], format_event(
+                "log_dropped", {"count": self.dropped})):
+            self.dropped = 0
+        if not self.target.send(severity, format_event(event, fields)):
+            self.dropped += 1
+
+    def fds(self) -> list[int]:
+        """File descriptors the log needs kept open (in forked children)."""
+        return [self.target.fileno()] if isinstance(self.target, SyslogTarget) else []
+
+
+def open_log(to: str, syslog_address: str, facility: str, level: str) -> Log:
+    """The Log for a config; a missing syslog socket falls back to stderr, said once."""
+    if to == "syslog":
+        try:
+            return Log(SyslogTarget(syslog_address, facility), level)
+        except (OSError, ValueError, IndexError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            sys.stderr.write(f"netd: cannot log to syslog at {syslog_address} ({reason}); "
+                             "logging to stderr instead\n")
+    return Log(StderrTarget(), level)

@@ -1,0 +1,88 @@
+"""Binding listening sockets for tcp, udp, unix and unix-dgram addresses.
+
+A Unix socket path is only ever replaced when it is a socket nobody listens on; any
+other file there is an error and is left alone.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import stat
+
+from netd.config.model import Address
+
+
+class BindError(OSError):
+    """An address that cannot be listened on; the message names it and says why."""
+
+
+def bind(address: Address, backlog: int, blocking: bool) -> socket.socket:
+    """A bound (and, for streams, listening) socket for `address`."""
+    sock = socket.socket(address.family, address.socktype)
+    try:
+        if address.path is not None:
+            _clear_stale_unix(address)
+            os.makedirs(os.path.dirname(address.path) or ".", mode=0o755, exist_ok=True)
+            sock.bind(address.path)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if address.family == socket.AF_INET6:
+                # v4 gets its own socket when wanted; a v6 socket must not grab v4 too.
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address.sockaddr)  # type: ignore[arg-type]
+        if address.is_stream:
+            sock.listen(backlog)
+        sock.setblocking(blocking)
+    except OSError as e:
+        sock.close()
+        if isinstance(e, BindError):
+            raise
+        raise BindError(e.errno, f"cannot listen on {address}: {e.strerror}") from None
+    return sock
+
+
+def _clear_stale_unix(address: Address) -> None:
+    assert address.path is not None
+    try:
+        mode = os.lstat(address.path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise BindError(errno.EEXIST, f"cannot listen on {address}: {address.path} exists and "
+                        "is not a socket; not touching it")
+    probe = socket.socket(socket.AF_UNIX, address.socktype)
+    try:
+        probe.connect(address.path)
+    except ConnectionRefusedError:
+        os.unlink(address.path)  # a socket file left behind by a process that is gone
+        return
+    except OSError:
+        return
+    finally:
+        probe.close()
+    raise BindError(errno.EADDRINUSE, f"cannot listen on {address}: another process is "
+                    f"listening on {address.path}")
+
+
+def remove_unix(address: Address) -> None:
+    """Remove the socket file of a unix address we bound (if it is still a socket)."""
+    if address.path is None:
+        return
+    try:
+        if stat.S_ISSOCK(os.lstat(address.path).st_mode):
+            os.unlink(address.path)
+    except OSError:
+        pass
+
+
+def describe(sockaddr: object, family: int) -> str:
+    """A socket address as logs show it: IP:PORT, [IPv6]:PORT, or a unix path."""
+    if family == socket.AF_INET6 and isinstance(sockaddr, tuple):
+        return f"[{sockaddr[0]}]:{sockaddr[1]}"
+    if isinstance(sockaddr, tuple):
+        return f"{sockaddr[0]}:{sockaddr[1]}"
+    if isinstance(sockaddr, bytes):
+        return sockaddr.decode(errors="replace")
+    return str(sockaddr)

@@ -15,8 +15,8 @@ import signal
 import socket
 import struct
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from netd.logs import Log
 
@@ -42,7 +42,8 @@ class Peer:
         if conn.family == socket.AF_UNIX:
             local_path = conn.getsockname() or None
             if proto == "unix" and remote is not None:
-                creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+                creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                        struct.calcsize("3i"))
                 pid, uid, gid = struct.unpack("3i", creds)
                 return cls(proto, local_path=local_path, pid=pid, uid=uid, gid=gid)
             return cls(proto, local_path=local_path)
@@ -62,10 +63,9 @@ class Peer:
             return env
         prefix = "TCP" if self.proto == "tcp" else "UDP"
         env = {"PROTO": prefix}
-        if self.local is not None:
-            env[f"{prefix}LOCALIP"], env[f"{prefix}LOCALPORT"] = self.local[0], str(self.local[1])
-        if self.remote is not None:
-            env[f"{prefix}REMOTEIP"], env[f"{prefix}REMOTEPORT"] = self.remote[0], str(self.remote[1])
+        for side, address in (("LOCAL", self.local), ("REMOTE", self.remote)):
+            if address is not None:
+                env[f"{prefix}{side}IP"], env[f"{prefix}{side}PORT"] = address[0], str(address[1])
         return env
 
 

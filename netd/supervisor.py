@@ -15,7 +15,6 @@ import signal
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Callable
 
 from netd import __version__
 from netd.config import Address, Config, Service
@@ -98,7 +97,8 @@ class Supervisor:
         state = ServiceState(service, env=dict(service.env))
         for address in service.listen:
             sock = bind(address, service.backlog, blocking=service.waits(address))
-            listener = Listener(service.name, address, sock, describe(sock.getsockname(), sock.family))
+            local = describe(sock.getsockname(), sock.family)
+            listener = Listener(service.name, address, sock, local)
             state.listeners.append(listener)
             self.selector.register(sock, selectors.EVENT_READ, listener)
             self.log.event("listen", service=service.name, proto=address.proto,
@@ -179,21 +179,20 @@ class Supervisor:
                 continue
             with conn:
                 peer = Peer.of(conn, listener.address.proto, remote)
-                self._start(service, listener, conn, peer, lambda: _serve(service, conn, remote))
+                self._start(service, listener, conn, peer, remote)
 
     def hand_over(self, listener: Listener, service: Service) -> None:
         """Wait mode: the child gets the listening socket itself until it exits."""
         self.selector.unregister(listener.sock)
         peer = Peer.of(listener.sock, listener.address.proto, None)
-        pid = self._start(service, listener, listener.sock, peer,
-                          lambda: _serve(service, listener.sock, None))
+        pid = self._start(service, listener, listener.sock, peer, None)
         if pid is None:
             self.selector.register(listener.sock, selectors.EVENT_READ, listener)
         else:
             listener.busy_pid = pid
 
     def _start(self, service: Service, listener: Listener, conn: socket.socket, peer: Peer,
-               run: Callable[[], None]) -> int | None:
+               remote: object) -> int | None:
         state = self.services[service.name]
         try:
             if service.kind == "exec":
@@ -201,7 +200,8 @@ class Supervisor:
                 stderr_fd = self.devnull if state.stderr_w is None else state.stderr_w
                 pid = spawn_exec(service.argv, env, conn.fileno(), stderr_fd)
             else:
-                pid = fork_child(run, [conn.fileno(), *self.log.fds()], self.log, service.name)
+                pid = fork_child(lambda: _serve(service, conn, remote),
+                                 [conn.fileno(), *self.log.fds()], self.log, service.name)
         except OSError as e:
             self.log.event("error", "err", service=service.name, msg=f"cannot start child: {e}")
             return None

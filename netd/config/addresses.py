@@ -38,7 +38,7 @@ def parse_address(spec: str) -> list[Address]:
         raise AddressError(f"cannot resolve host '{host}': {e.strerror}") from None
     addresses: list[Address] = []
     for family, _, _, _, sockaddr in infos:
-        if family not in (socket.AF_INET, socket.AF_INET6):
+        if family not in (socket.AF_INET, socket.AF_INET6) or isinstance(sockaddr[0], int):
             continue
         address = Address(spec=spec, scheme=cast(Scheme, scheme), family=family,
                           sockaddr=sockaddr)

@@ -89,7 +89,8 @@ def _check_keys(mapping: Mapping, allowed: tuple[str, ...], prefix: str, errors:
     for key in mapping:
         if key not in allowed:
             hint = difflib.get_close_matches(key, allowed, n=1)
-            also = f"; did you mean '{hint[0]}'?" if hint else f" (expected one of: {', '.join(allowed)})"
+            also = (f"; did you mean '{hint[0]}'?" if hint
+                    else f" (expected one of: {', '.join(allowed)})")
             errors.add(mapping.key_where[key], prefix + key, f"unknown key{also}")
 
 def _kind(value: Any) -> str:
@@ -124,7 +125,7 @@ def _section(root: Mapping, key: str, errors: _Errors) -> Mapping:
 
 def _choice(mapping: Mapping, key: str, choices: tuple[str, ...], dotted: str,
             errors: _Errors) -> str | None:
-    value = _get(mapping, key, str, dotted, errors, "a string")
+    value: str | None = _get(mapping, key, str, dotted, errors, "a string")
     if value is not None and value not in choices:
         hint = difflib.get_close_matches(value, choices, n=1)
         also = f"; did you mean '{hint[0]}'?" if hint else ""
@@ -250,7 +251,7 @@ def _listen(body: Mapping, prefix: str, where: Where, errors: _Errors) -> list[A
     if isinstance(value, str):
         specs = [(value, body.key_where["listen"])]
     elif isinstance(value, Sequence) and value:
-        specs = list(zip(value, value.item_where))
+        specs = list(zip(value, value.item_where, strict=True))
     else:
         errors.add(body.key_where["listen"], prefix + "listen",
                    f"expected an address or a list of addresses, got {_kind(value)}")
@@ -266,7 +267,8 @@ def _listen(body: Mapping, prefix: str, where: Where, errors: _Errors) -> list[A
             errors.add(spec_where, prefix + "listen", str(e))
     return addresses
 
-def _env(body: Mapping, defaults: Mapping, prefix: str, errors: _Errors) -> tuple[tuple[str, str], ...]:
+def _env(body: Mapping, defaults: Mapping, prefix: str,
+         errors: _Errors) -> tuple[tuple[str, str], ...]:
     merged: dict[str, str] = {}
     for source, label in ((defaults, "defaults.env"), (body, prefix + "env")):
         env = _get(source, "env", dict, label, errors, "a mapping of NAME: value")
@@ -297,7 +299,7 @@ def _argv(body: Mapping, prefix: str, env: dict[str, str], errors: _Errors) -> l
     return [os.path.abspath(program), *argv[1:]]
 
 def _python(body: Mapping, prefix: str, errors: _Errors) -> str | None:
-    spec = _get(body, "python", str, prefix + "python", errors, "module:function")
+    spec: str | None = _get(body, "python", str, prefix + "python", errors, "module:function")
     if spec is None:
         return None
     where = body.key_where["python"]

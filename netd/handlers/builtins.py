@@ -13,8 +13,8 @@ import random
 import socket
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 CHUNK = 65536
 CHARGEN_PRINTABLE = bytes(range(32, 127))

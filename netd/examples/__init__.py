@@ -1,0 +1,1 @@
+"""Runnable example handlers; see docs/handlers.md."""

@@ -13,6 +13,8 @@ import sys
 import time
 from typing import Protocol
 
+from systemd import journal
+
 SEVERITIES = {"emerg": 0, "alert": 1, "crit": 2, "err": 3, "warning": 4, "notice": 5,
               "info": 6, "debug": 7}
 FACILITIES = {"kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5, "lpr": 6,
@@ -37,15 +39,15 @@ def format_event(event: str, fields: dict[str, object]) -> str:
 
 
 class Target(Protocol):
-    def send(self, severity: int, line: str) -> bool:
-        """Deliver one line; False when it had to be dropped."""
+    def send(self, severity: int, event: str, fields: dict[str, object], line: str) -> bool:
+        """Deliver one event (as `line` and as its fields); False when it was dropped."""
         ...
 
 
 class StderrTarget:
     """Lines on stderr, one per event, as they are (under systemd, the journal keeps them)."""
 
-    def send(self, severity: int, line: str) -> bool:
+    def send(self, severity: int, event: str, fields: dict[str, object], line: str) -> bool:
         try:
             sys.stderr.write(line + "\n")
             sys.stderr.flush()
@@ -79,7 +81,7 @@ class SyslogTarget:
         sock.setblocking(False)
         return sock
 
-    def send(self, severity: int, line: str) -> bool:
+    def send(self, severity: int, event: str, fields: dict[str, object], line: str) -> bool:
         now = time.localtime()
         stamp = time.strftime("%b ", now) + f"{now.tm_mday:2d}" + time.strftime(" %H:%M:%S", now)
         data = f"<{self.facility * 8 + severity}>{stamp} netd[{os.getpid()}]: {line}".encode()
@@ -101,6 +103,20 @@ class SyslogTarget:
         return self.sock.fileno()
 
 
+class JournalTarget:
+    """Lines to the journal, with each field also as a NETD_* journal field."""
+
+    def send(self, severity: int, event: str, fields: dict[str, object], line: str) -> bool:
+        extra = {f"NETD_{key.upper()}": str(value) for key, value in fields.items()
+                 if value is not None}
+        try:
+            journal.send(line, PRIORITY=str(severity), SYSLOG_IDENTIFIER="netd",
+                         NETD_EVENT=event, **extra)
+        except OSError:
+            return False
+        return True
+
+
 class Log:
     """Where a process's events go; `event()` is the one way to log anything."""
 
@@ -114,10 +130,12 @@ class Log:
         severity = SEVERITIES[level]
         if severity > self.max_severity:
             return
-        if self.dropped and self.target.send(SEVERITIES["warning"], format_event(
-                "log_dropped", {"count": self.dropped})):
-            self.dropped = 0
-        if not self.target.send(severity, format_event(event, fields)):
+        if self.dropped:
+            lost: dict[str, object] = {"count": self.dropped}
+            if self.target.send(SEVERITIES["warning"], "log_dropped", lost,
+                                format_event("log_dropped", lost)):
+                self.dropped = 0
+        if not self.target.send(severity, event, fields, format_event(event, fields)):
             self.dropped += 1
 
     def fds(self) -> list[int]:
@@ -127,6 +145,8 @@ class Log:
 
 def open_log(to: str, syslog_address: str, facility: str, level: str) -> Log:
     """The Log for a config; a missing syslog socket falls back to stderr, said once."""
+    if to == "journal":
+        return Log(JournalTarget(), level)
     if to == "syslog":
         try:
             return Log(SyslogTarget(syslog_address, facility), level)

@@ -196,6 +196,10 @@ def write_config(tmp_path: Path, body: str, sink: SyslogSink | None, name: str =
     text = textwrap.dedent(body)
     if sink is not None and "log:" not in text:
         text = (f"log:\n  to: syslog\n  syslog_address: {sink.path}\n  level: debug\n" + text)
+    if "daemon:" not in text:
+        # Each test's netd gets its own pidfile and control socket.
+        text = (f"daemon:\n  pidfile: {tmp_path / 'netd.pid'}\n"
+                f"  control: {tmp_path / 'control.sock'}\n" + text)
     path = tmp_path / name
     path.write_text(text)
     return path

@@ -6,6 +6,7 @@ once by netd.config.validate and compared field by field on reload.
 
 from __future__ import annotations
 
+import os
 import socket
 from dataclasses import dataclass, field
 from typing import Literal
@@ -95,10 +96,33 @@ class Service:
 class LogConfig:
     """Where log lines go and which are kept."""
 
-    to: Literal["syslog", "stderr"] = "syslog"
+    to: Literal["syslog", "stderr", "journal"] = "syslog"
     syslog_address: str = "/dev/log"
     facility: str = "daemon"
     level: str = "info"
+
+
+def default_run_dir() -> str:
+    """Where the pidfile and control socket go by default: /run/netd for root,
+    $XDG_RUNTIME_DIR/netd (or /tmp/netd-UID) for anyone else."""
+    if os.geteuid() == 0:
+        return "/run/netd"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    return os.path.join(runtime, "netd") if runtime else f"/tmp/netd-{os.geteuid()}"
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """The daemon's own files and its stop deadline."""
+
+    pidfile: str
+    control: str
+    stop_timeout_s: float = 10.0
+
+    @classmethod
+    def default(cls) -> DaemonConfig:
+        run_dir = default_run_dir()
+        return cls(pidfile=f"{run_dir}/netd.pid", control=f"{run_dir}/control.sock")
 
 
 @dataclass(frozen=True)
@@ -107,4 +131,5 @@ class Config:
 
     path: str
     log: LogConfig = LogConfig()
+    daemon: DaemonConfig = field(default_factory=DaemonConfig.default)
     services: tuple[Service, ...] = field(default_factory=tuple)

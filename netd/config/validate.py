@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from netd.config.addresses import AddressError, parse_address
-from netd.config.model import Address, Config, LogConfig, Service
+from netd.config.model import Address, Config, DaemonConfig, LogConfig, Service
 from netd.config.yamlsource import Mapping, Sequence, Where, YamlError, load_file
 from netd.handlers.builtins import BUILTINS
 
@@ -23,7 +23,8 @@ FACILITIES = ("kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news",
               "cron", "authpriv", "ftp", "local0", "local1", "local2", "local3", "local4",
               "local5", "local6", "local7")
 LEVELS = ("debug", "info", "notice", "warning", "err", "crit", "alert", "emerg")
-TOP_KEYS = ("log", "include", "defaults", "services")
+TOP_KEYS = ("log", "daemon", "include", "defaults", "services")
+DAEMON_KEYS = ("pidfile", "control", "stop_timeout")
 LOG_KEYS = ("to", "syslog_address", "facility", "level")
 HANDLER_KEYS = ("builtin", "exec", "python")
 DEFAULTABLE_KEYS = ("wait", "env", "stderr", "timeout", "backlog")
@@ -56,6 +57,7 @@ def load_config(path: str) -> Config:
         raise ConfigError(errors.items)
     _check_keys(root, TOP_KEYS, "", errors)
     log = _log_config(root, errors)
+    daemon = _daemon_config(root, path, errors)
     sources = _service_sources(root, path, errors)
     defaults = _defaults(root, errors)
     services = []
@@ -65,7 +67,7 @@ def load_config(path: str) -> Config:
             services.append(service)
     if errors.items:
         raise ConfigError(errors.items)
-    return Config(path=path, log=log, services=tuple(services))
+    return Config(path=path, log=log, daemon=daemon, services=tuple(services))
 
 def _load_mapping(path: str, errors: _Errors) -> Mapping | None:
     try:
@@ -116,7 +118,8 @@ def _get(mapping: Mapping, key: str, want: type | tuple[type, ...], dotted: str,
     return value
 
 def _section(root: Mapping, key: str, errors: _Errors) -> Mapping:
-    value = _get(root, key, dict, key, errors, "a mapping")
+    # A section with everything under it commented out is empty, not an error.
+    value = None if root.get(key) is None else _get(root, key, dict, key, errors, "a mapping")
     if value is None:
         empty = Mapping()
         empty.where, empty.key_where = root.where, {}
@@ -138,12 +141,27 @@ def _log_config(root: Mapping, errors: _Errors) -> LogConfig:
     log = _section(root, "log", errors)
     _check_keys(log, LOG_KEYS, "log.", errors)
     default = LogConfig()
-    to = _choice(log, "to", ("syslog", "stderr"), "log.to", errors) or default.to
+    to = _choice(log, "to", ("syslog", "stderr", "journal"), "log.to", errors) or default.to
     address = _get(log, "syslog_address", str, "log.syslog_address", errors, "a path or udp://host:port")
     facility = _choice(log, "facility", FACILITIES, "log.facility", errors) or default.facility
     level = _choice(log, "level", LEVELS, "log.level", errors) or default.level
     return LogConfig(to=cast(Any, to), syslog_address=address or default.syslog_address,
                      facility=facility, level=level)
+
+def _daemon_config(root: Mapping, path: str, errors: _Errors) -> DaemonConfig:
+    section = _section(root, "daemon", errors)
+    _check_keys(section, DAEMON_KEYS, "daemon.", errors)
+    default = DaemonConfig.default()
+    base = os.path.dirname(path)
+    files = {}
+    for key in ("pidfile", "control"):
+        value = _get(section, key, str, f"daemon.{key}", errors, "a file path")
+        files[key] = os.path.join(base, value) if value else getattr(default, key)
+    stop_timeout_s = _duration_setting("stop_timeout", section, section, "daemon.", errors)
+    return DaemonConfig(pidfile=files["pidfile"], control=files["control"],
+                        stop_timeout_s=default.stop_timeout_s if stop_timeout_s is None
+                        else stop_timeout_s)
+
 
 def _service_sources(root: Mapping, path: str, errors: _Errors) -> dict[str, tuple[Mapping, Where]]:
     """Every service body by name, from the main file then the includes in sorted order."""
@@ -171,6 +189,8 @@ def _service_sources(root: Mapping, path: str, errors: _Errors) -> dict[str, tup
 
 def _collect_services(doc: Mapping, key: str, sources: dict[str, tuple[Mapping, Where]],
                       errors: _Errors) -> None:
+    if doc.get(key) is None:
+        return  # absent, or every service in it commented out
     services = _get(doc, key, dict, key, errors, "a mapping of service names")
     for name, body in (services or {}).items():
         where = services.key_where[name]
@@ -226,7 +246,9 @@ def _service(name: str, body: Mapping, where: Where, defaults: Mapping,
     if "stderr" in body or "stderr" in defaults:
         source = body if "stderr" in body else defaults
         label = prefix + "stderr" if "stderr" in body else "defaults.stderr"
-        stderr_mode = _choice(source, "stderr", ("log", "null"), label, errors)
+        # YAML reads a bare `null` as None: that is the documented `stderr: null`.
+        stderr_mode = ("null" if source["stderr"] is None
+                       else _choice(source, "stderr", ("log", "null"), label, errors))
     timeout_s = _duration_setting("timeout", body, defaults, prefix, errors)
     backlog, source = setting("backlog", int, "a number of connections")
     if backlog is not None and not 1 <= backlog <= 65535:

@@ -1,0 +1,88 @@
+"""systemd's protocols: readiness notification, watchdog, socket activation.
+
+(The journal log target lives with the other targets in netd.logs.) Everything
+here is optional: with no service manager around, notify() does nothing
+and no sockets are passed. A manager that went away never stops netd.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+from systemd import daemon
+
+from netd.config.model import Address
+
+
+class Notifier:
+    """sd_notify for the supervisor; silent when NOTIFY_SOCKET is not set."""
+
+    def __init__(self) -> None:
+        self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        pid = os.environ.get("WATCHDOG_PID", "")
+        watched = usec.isdigit() and (not pid or pid == str(os.getpid()))
+        # Ping at half the interval, as sd_watchdog_enabled(3) advises.
+        self.watchdog_interval_s = int(usec) / 2e6 if watched else None
+
+    def send(self, *lines: str) -> None:
+        """Send one notification made of `lines` (READY=1, STATUS=..., ...)."""
+        if not self.enabled:
+            return
+        try:
+            daemon.notify("\n".join(lines))
+        except OSError:
+            pass  # the manager is gone; serving goes on
+
+    def ready(self, status: str) -> None:
+        self.send("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
+
+    def reloading(self) -> None:
+        usec = int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1e6)
+        self.send("RELOADING=1", f"MONOTONIC_USEC={usec}")
+
+    def stopping(self) -> None:
+        self.send("STOPPING=1")
+
+    def status(self, status: str) -> None:
+        self.send(f"STATUS={status}")
+
+    def watchdog(self) -> None:
+        self.send("WATCHDOG=1")
+
+
+def passed_sockets() -> dict[int, str]:
+    """Sockets systemd passed (LISTEN_FDS), by fd, with their FileDescriptorName.
+
+    Clears LISTEN_* from os.environ too: the C call only clears the C environment,
+    and no child may inherit them.
+    """
+    fds: dict[int, str] = daemon.listen_fds_with_names()
+    for key in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(key, None)
+    return fds
+
+
+def adopt(address: Address, service: str, passed: dict[int, socket.socket],
+          names: dict[int, str]) -> socket.socket | None:
+    """The passed socket for `address` of `service`, taken out of `passed`, if any.
+
+    A socket named after the service (FileDescriptorName=) matches when its type
+    agrees; otherwise one bound to exactly the configured address does.
+    """
+    for fd, sock in passed.items():
+        if sock.type != address.socktype or sock.family != address.family:
+            continue
+        if names.get(fd) == service or _bound_to(sock, address):
+            return passed.pop(fd)
+    return None
+
+
+def _bound_to(sock: socket.socket, address: Address) -> bool:
+    local = sock.getsockname()
+    if address.path is not None:
+        return bool(local == address.path)
+    assert address.sockaddr is not None
+    return bool(local[:2] == address.sockaddr[:2])

@@ -1,23 +1,32 @@
 """The `netd` command: argument parsing and one function per sub-command.
 
-Exit codes follow sysexits: 0 ok, 64 usage, 71 OS error (bind), 78 config error.
+Exit codes follow sysexits: 0 ok, 64 usage, 69 unavailable (already running),
+71 OS error (bind), 78 config error; `status` exits 3 when netd is not running, as
+LSB init scripts do, and `stop`/`reload` exit 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from netd import __version__
 from netd.config import Config, ConfigError, load_config
+from netd.control import NotRunning, request
+from netd.daemon import AlreadyRunning, Pidfile, start_detached
 from netd.logs import open_log
 from netd.sockets import BindError
 from netd.supervisor import Supervisor
+from netd.systemd import Notifier, passed_sockets
 
-EX_OK, EX_USAGE, EX_OSERR, EX_CONFIG = 0, 64, 71, 78
+EX_OK, EX_NOT_RUNNING, EX_USAGE, EX_UNAVAILABLE, EX_OSERR, EX_CONFIG = 0, 3, 64, 69, 71, 78
 DEFAULT_CONFIG = "/etc/netd/netd.yaml"
+Report = Callable[[int, str], None]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -30,9 +39,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_usage(sys.stderr)
         return EX_USAGE
-    config_path = args.config or os.environ.get("NETD_CONFIG") or DEFAULT_CONFIG
-    command: int = args.func(config_path)
-    return command
+    args.config = args.config or os.environ.get("NETD_CONFIG") or DEFAULT_CONFIG
+    result: int = args.func(args)
+    return result
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -41,12 +50,22 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, func, text in (
         ("run", cmd_run, "serve in the foreground until SIGTERM or SIGINT"),
+        ("start", cmd_start, "start netd as a daemon; returns once it is ready"),
+        ("stop", cmd_stop, "stop the running daemon gracefully"),
+        ("reload", cmd_reload, "re-read the config; on any error keep the running one"),
+        ("status", cmd_status, "show the daemon and every service with its counters"),
         ("check", cmd_check, "validate the config and print the resolved services"),
     ):
         sub = commands.add_parser(name, help=text, description=text)
         sub.add_argument("-c", "--config", metavar="FILE",
                          help=f"config file (default: $NETD_CONFIG or {DEFAULT_CONFIG})")
         sub.set_defaults(func=func)
+        if name == "stop":
+            sub.add_argument("--timeout", type=float, metavar="S",
+                             help="seconds to wait for the daemon to exit "
+                                  "(default: daemon.stop_timeout + 5)")
+        if name == "status":
+            sub.add_argument("--json", action="store_true", help="print JSON for scripts")
     return parser
 
 
@@ -61,36 +80,169 @@ def _load(config_path: str) -> Config | None:
         return None
 
 
-def cmd_check(config_path: str) -> int:
+def cmd_check(args: argparse.Namespace) -> int:
     """Validate the config; print each service with its resolved addresses."""
-    config = _load(config_path)
+    config = _load(args.config)
     if config is None:
         return EX_CONFIG
     print(f"{config.path}: OK, {len(config.services)} service(s)")
     width = max((len(s.name) for s in config.services), default=0)
     for service in config.services:
-        addresses = ", ".join(
-            f"{a} ({service.mode(a)})" for a in service.listen)
+        addresses = ", ".join(f"{a} ({service.mode(a)})" for a in service.listen)
         print(f"  {service.name:<{width}}  {addresses}  {service.handler}")
     return EX_OK
 
 
-def cmd_run(config_path: str) -> int:
-    """Serve in the foreground until SIGTERM or SIGINT."""
-    config = _load(config_path)
+def cmd_run(args: argparse.Namespace) -> int:
+    """Serve in the foreground until SIGTERM or SIGINT (how systemd runs netd)."""
+    passed = passed_sockets()  # before anything else: LISTEN_PID names this process
+    config = _load(args.config)
     if config is None:
         return EX_CONFIG
-    log = open_log(config.log.to, config.log.syslog_address, config.log.facility,
-                   config.log.level)
-    _no_inherited_fds()
-    supervisor = Supervisor(config, log)
+
+    def report(code: int, message: str) -> None:
+        if code != EX_OK:
+            print(f"netd: {message}", file=sys.stderr)
+
+    return serve(config, passed, report)
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    """Detach and serve; exit only once the daemon is ready, or say why it is not."""
+    config = _load(args.config)
+    if config is None:
+        return EX_CONFIG
+    holder = Pidfile(config.daemon.pidfile).holder()
+    if holder is not None:
+        print(f"netd: already running (pid {holder}, pidfile {config.daemon.pidfile})",
+              file=sys.stderr)
+        return EX_UNAVAILABLE
+
+    def serve_detached(report_fd: int) -> int:
+        def report(code: int, message: str) -> None:
+            line = f"ready {message}" if code == EX_OK else f"error {code} {message}"
+            os.write(report_fd, line.replace("\n", " ").encode() + b"\n")
+            os.close(report_fd)
+
+        return serve(config, {}, report)
+
+    return start_detached(serve_detached, [])
+
+
+def serve(config: Config, passed: dict[int, str], report: Report) -> int:
+    """Take the pidfile, bind, report readiness (or the failure), then serve."""
+    pidfile = Pidfile(config.daemon.pidfile)
     try:
-        supervisor.bind_all()
-    except BindError as e:
-        log.event("error", "err", msg=e.strerror)
-        print(f"netd: {e.strerror}", file=sys.stderr)
-        return EX_OSERR
-    return supervisor.run()
+        stale = pidfile.acquire()
+    except (AlreadyRunning, OSError) as e:
+        report(EX_UNAVAILABLE, str(e))
+        return EX_UNAVAILABLE
+    try:
+        _no_inherited_fds()
+        log = open_log(config.log.to, config.log.syslog_address, config.log.facility,
+                       config.log.level)
+        if stale is not None and stale != os.getpid():
+            log.event("pidfile", "warning", path=config.daemon.pidfile, stale_pid=stale,
+                      msg="took over the pidfile of a netd that is gone")
+        supervisor = Supervisor(config, log, Notifier(), passed)
+        try:
+            supervisor.bind_all()
+        except BindError as e:
+            log.event("error", "err", msg=e.strerror)
+            report(EX_OSERR, e.strerror or str(e))
+            return EX_OSERR
+        report(EX_OK, str(os.getpid()))
+        return supervisor.run()
+    finally:
+        pidfile.release()
+
+
+def _ask(args: argparse.Namespace, command: str, timeout_s: float = 30.0) -> dict[str, Any]:
+    config = _load(args.config)
+    if config is None:
+        raise SystemExit(EX_CONFIG)
+    return request(config.daemon.control, command, timeout_s)
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    """Ask the daemon to stop, and wait until it has exited."""
+    config = _load(args.config)
+    if config is None:
+        return EX_CONFIG
+    timeout_s = args.timeout if args.timeout is not None else config.daemon.stop_timeout_s + 5
+    try:
+        pid = int(request(config.daemon.control, "stop")["pid"])
+    except NotRunning as e:
+        print(f"netd: {e}", file=sys.stderr)
+        return 1
+    deadline = time.monotonic() + timeout_s
+    while _alive(pid):
+        if time.monotonic() >= deadline:
+            print(f"netd: pid {pid} still running after {timeout_s:g}s", file=sys.stderr)
+            return 1
+        time.sleep(0.05)
+    print(f"netd stopped (pid {pid})")
+    return EX_OK
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # Our own child (tests start netd directly) lingers as a zombie until reaped.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """Ask the daemon to re-read its config; exit 78 with the errors when it is bad."""
+    try:
+        reply = _ask(args, "reload")
+    except NotRunning as e:
+        print(f"netd: {e}", file=sys.stderr)
+        return 1
+    if not reply.get("ok"):
+        print(f"netd: reload failed, the running config stays in force:\n{reply.get('error')}",
+              file=sys.stderr)
+        return EX_CONFIG
+    changes = ", ".join(f"{k} {','.join(reply[k])}" for k in ("added", "changed", "removed")
+                        if reply.get(k))
+    print(f"netd reloaded ({changes or 'no changes'})")
+    return EX_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Print the daemon's state; exit 3 when it is not running."""
+    try:
+        reply = _ask(args, "status")
+    except NotRunning as e:
+        print(f"netd: {e}", file=sys.stderr)
+        return EX_NOT_RUNNING
+    if args.json:
+        print(json.dumps(reply, indent=2))
+        return EX_OK
+    daemon = reply["daemon"]
+    print(f"netd {daemon['version']} running, pid {daemon['pid']}, "
+          f"up {daemon['uptime_s']:.0f}s, {daemon['children']} children")
+    print(f"config: {daemon['config']}")
+    last = daemon.get("last_reload")
+    if last:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["time"]))
+        result = "ok" if last["ok"] else f"error: {last['error']}"
+        print(f"last reload: {when} {result}")
+    for service in reply["services"]:
+        print(f"{service['name']}: {service['state']}, {service['handler']}, "
+              f"{service['children']} children, {service['accepted']} accepted, "
+              f"{service['refused']} refused")
+        for listen in service["listen"]:
+            print(f"    {listen['proto']} {listen['address']} ({listen['mode']})")
+    return EX_OK
 
 
 def _no_inherited_fds() -> None:

@@ -1,9 +1,11 @@
-"""The supervisor: one event loop over every listener, the signal wake-up fd and the
-stderr pipes of exec children; it accepts, starts children, reaps them and stops.
+"""The supervisor: one event loop over every listener, the signal wake-up fd, the
+control socket and the stderr pipes of exec children. It accepts, starts children,
+reaps them, reloads and stops.
 
 Signal handlers do nothing but let Python write the signal number to the wake-up
 socket; the loop reads those numbers and does the work. With nothing to do, the loop
-sleeps in select() with no timeout: zero CPU at rest.
+sleeps in select() with no timeout (unless systemd's watchdog asks for pings): zero
+CPU at rest.
 """
 
 from __future__ import annotations
@@ -15,30 +17,34 @@ import signal
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from netd import __version__
-from netd.config import Address, Config, Service
+from netd.config import Address, Config, ConfigError, Service, load_config
+from netd.control import BadRequest, read_request, send_reply
 from netd.handlers.builtins import BUILTINS
 from netd.handlers.python import load_handler
 from netd.logs import Log
 from netd.sockets import bind, describe, remove_unix
 from netd.spawn import Peer, exec_env, fork_child, spawn_exec
+from netd.systemd import Notifier, adopt
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 ACCEPTS_PER_WAKEUP = 64
 DATAGRAMS_PER_WAKEUP = 64
 STDERR_LINE_MAX = 2048
-STOP_TIMEOUT_S = 10.0
+STATUS_EVERY_S = 1.0
 
 
-@dataclass
+@dataclass(eq=False)
 class Listener:
-    """One bound socket of a service; in wait mode, `busy_pid` holds it while a child runs."""
+    """One bound socket; in wait mode, `busy_pid` holds it while a child runs."""
 
     service: str
     address: Address
     sock: socket.socket
     local: str
+    adopted: bool = False
     busy_pid: int | None = None
 
 
@@ -52,62 +58,192 @@ class Child:
     listener: Listener | None = None
 
 
-@dataclass
+@dataclass(eq=False)
 class ServiceState:
-    """A configured service at run time: its sockets, its children, its counters."""
+    """A service at run time: its sockets, children and counters; it outlives a reload
+    that removes it until its last child has exited (draining)."""
 
     service: Service
     listeners: list[Listener] = field(default_factory=list)
     children: set[int] = field(default_factory=set)
     accepted: int = 0
-    env: dict[str, str] = field(default_factory=dict)
+    refused: int = 0
+    draining: bool = False
     stderr_r: int | None = None
     stderr_w: int | None = None
     stderr_partial: bytes = b""
+
+    def state(self) -> str:
+        """listening, busy (every socket held by a wait-mode child), or draining."""
+        if self.draining:
+            return "draining"
+        if self.listeners and all(lst.busy_pid is not None for lst in self.listeners):
+            return "busy"
+        return "listening"
 
 
 class Supervisor:
     """Owns the sockets and children of one config; `run()` serves until stopped."""
 
-    def __init__(self, config: Config, log: Log) -> None:
+    def __init__(self, config: Config, log: Log, notifier: Notifier | None = None,
+                 passed: dict[int, str] | None = None) -> None:
         self.config = config
         self.log = log
+        self.notifier = notifier or Notifier()
         self.selector = selectors.DefaultSelector()
         self.services: dict[str, ServiceState] = {}
         self.children: dict[int, Child] = {}
         self.stopping: str | None = None
         self.devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
         self.wakeup_r, self.wakeup_w = socket.socketpair()
+        self.control: socket.socket | None = None
+        self.started_s = time.monotonic()
+        self.started_wall = time.time()
+        self.last_reload: dict[str, Any] | None = None
+        self.last_status_s = 0.0
+        self.passed_names = dict(passed or {})
+        self.passed = {fd: socket.socket(fileno=fd) for fd in self.passed_names}
 
-    # -- start-up ---------------------------------------------------------------
+    # -- start-up and reload ------------------------------------------------------
 
     def bind_all(self) -> None:
-        """Bind every service's addresses; raises BindError (nothing left bound) on failure."""
+        """Bind (or adopt) every service's sockets and the control socket; raises
+        OSError with nothing left bound when one fails."""
         self.log.event("start", version=__version__, pid=os.getpid(), config=self.config.path)
         try:
-            for service in self.config.services:
-                self.services[service.name] = self._open_service(service)
+            self.apply(self.config)
+            self.control = bind(Address(spec="control", scheme="unix",
+                                        path=self.config.daemon.control), 16, blocking=False)
+            os.chmod(self.config.daemon.control, 0o600)
         except OSError:
             self.close_all()
             raise
+        self.selector.register(self.control, selectors.EVENT_READ, "control")
+        for fd, sock in self.passed.items():
+            self.log.event("error", "warning", fd=fd, local=describe(sock.getsockname(),
+                           sock.family), msg="a passed socket matches no configured address")
+            sock.close()
+        self.passed.clear()
         listeners = sum(len(s.listeners) for s in self.services.values())
         self.log.event("ready", services=len(self.services), listeners=listeners)
+        self.notifier.ready(self._status_line())
 
-    def _open_service(self, service: Service) -> ServiceState:
-        state = ServiceState(service, env=dict(service.env))
-        for address in service.listen:
-            sock = bind(address, service.backlog, blocking=service.waits(address))
-            local = describe(sock.getsockname(), sock.family)
-            listener = Listener(service.name, address, sock, local)
-            state.listeners.append(listener)
-            self.selector.register(sock, selectors.EVENT_READ, listener)
-            self.log.event("listen", service=service.name, proto=address.proto,
-                           local=listener.local, mode=service.mode(address))
-        if service.kind == "exec" and service.stderr == "log":
+    def apply(self, config: Config) -> dict[str, list[str]]:
+        """Make the running services match `config`, touching only what differs.
+
+        Every new socket is bound before anything is closed, so a failure (raised as
+        OSError) leaves all as it was. A socket whose address is still configured is
+        kept as it is, so connections queued on it are not lost; a removed service's
+        children run on, and it is dropped once they have exited.
+        """
+        pool = {lst.address.key: lst for st in self.services.values() for lst in st.listeners}
+        plan: dict[str, list[Listener]] = {}
+        fresh: list[Listener] = []
+        try:
+            for service in config.services:
+                plan[service.name] = []
+                for address in service.listen:
+                    kept = pool.pop(address.key, None)
+                    plan[service.name].append(kept or self._open(service, address, fresh))
+        except OSError:
+            for lst in fresh:
+                lst.sock.close()
+                if not lst.adopted:
+                    remove_unix(lst.address)
+            raise
+        for lst in pool.values():
+            self._close_listener(lst)
+        changes: dict[str, list[str]] = {"added": [], "changed": [], "removed": []}
+        for name, old in self.services.items():
+            if name not in plan and not old.draining:
+                changes["removed"].append(name)
+                old.listeners, old.draining = [], True
+        for service in config.services:
+            state = self.services.get(service.name)
+            if state is None:
+                changes["added"].append(service.name)
+                state = self.services[service.name] = ServiceState(service)
+            elif state.draining or state.service != service:
+                changes["added" if state.draining else "changed"].append(service.name)
+                state.service, state.draining = service, False
+            state.listeners = plan[service.name]
+            self._arm(state)
+        for name in changes["removed"]:
+            self._forget_if_done(self.services[name])
+        self.config = config
+        return changes
+
+    def _open(self, service: Service, address: Address, fresh: list[Listener]) -> Listener:
+        blocking = service.waits(address)
+        sock = adopt(address, service.name, self.passed, self.passed_names)
+        adopted = sock is not None
+        if sock is None:
+            sock = bind(address, service.backlog, blocking)
+        sock.setblocking(blocking)
+        lst = Listener(service.name, address, sock, describe(sock.getsockname(), sock.family),
+                       adopted=adopted)
+        fresh.append(lst)
+        self.log.event("adopt" if lst.adopted else "listen", service=service.name,
+                       proto=address.proto, local=lst.local, mode=service.mode(address))
+        return lst
+
+    def _arm(self, state: ServiceState) -> None:
+        """Point a service's sockets at it, watch the idle ones, and give exec
+        services a stderr pipe (kept for the life of the service)."""
+        service = state.service
+        for lst in state.listeners:
+            lst.service = service.name
+            lst.sock.setblocking(service.waits(lst.address))
+            watched = lst.sock in self.selector.get_map()
+            if lst.busy_pid is None and not watched:
+                self.selector.register(lst.sock, selectors.EVENT_READ, lst)
+        if service.kind == "exec" and state.stderr_r is None:
             state.stderr_r, state.stderr_w = os.pipe2(os.O_CLOEXEC)
             os.set_blocking(state.stderr_r, False)
             self.selector.register(state.stderr_r, selectors.EVENT_READ, state)
-        return state
+
+    def _close_listener(self, lst: Listener) -> None:
+        if lst.sock in self.selector.get_map():
+            self.selector.unregister(lst.sock)
+        lst.sock.close()
+        if not lst.adopted:
+            remove_unix(lst.address)
+
+    def _forget_if_done(self, state: ServiceState) -> None:
+        """Drop a removed service once its last child has exited."""
+        if not state.draining or state.children:
+            return
+        self._drain_stderr(state)
+        for fd in (state.stderr_r, state.stderr_w):
+            if fd is not None:
+                if fd == state.stderr_r:
+                    self.selector.unregister(fd)
+                os.close(fd)
+        state.stderr_r = state.stderr_w = None
+        if self.services.get(state.service.name) is state:
+            del self.services[state.service.name]
+
+    def reload(self) -> dict[str, Any]:
+        """Re-read the config file and apply the difference; on any error keep all as is."""
+        self.notifier.reloading()
+        try:
+            changes = self.apply(load_config(self.config.path))
+        except ConfigError as e:
+            result = {"ok": False, "error": "\n".join(e.errors)}
+        except OSError as e:
+            result = {"ok": False, "error": e.strerror or str(e)}
+        else:
+            result = {"ok": True, **changes}
+        self.last_reload = {"time": time.time(), **result}
+        if result["ok"]:
+            self.log.event("reload", result="ok", services=len(self.config.services),
+                           added=",".join(changes["added"]) or None,
+                           changed=",".join(changes["changed"]) or None,
+                           removed=",".join(changes["removed"]) or None)
+        else:
+            self.log.event("reload", "err", result="error", msg=result["error"])
+        self.notifier.ready(self._status_line())
+        return result
 
     # -- the loop ---------------------------------------------------------------
 
@@ -119,18 +255,27 @@ class Supervisor:
         for sig in HANDLED_SIGNALS:
             signal.signal(sig, _note_signal)
         self.selector.register(self.wakeup_r, selectors.EVENT_READ, None)
+        ping_s = self.notifier.watchdog_interval_s
         deadline_s: float | None = None
         while not (self.stopping and not self.children):
-            timeout = None if deadline_s is None else max(0.0, deadline_s - time.monotonic())
+            timeout = ping_s
+            if deadline_s is not None:
+                left = max(0.0, deadline_s - time.monotonic())
+                timeout = left if timeout is None else min(timeout, left)
             for key, _ in self.selector.select(timeout):
                 self._dispatch(key.data)
+            if ping_s is not None:
+                self.notifier.watchdog()
             if self.stopping and deadline_s is None:
-                deadline_s = time.monotonic() + STOP_TIMEOUT_S
+                deadline_s = time.monotonic() + self.config.daemon.stop_timeout_s
                 self._signal_children(signal.SIGTERM)
             elif deadline_s is not None and time.monotonic() >= deadline_s and self.children:
+                self.log.event("kill", "warning", children=len(self.children),
+                               reason="stop_timeout")
                 self._signal_children(signal.SIGKILL)
-                deadline_s = time.monotonic() + STOP_TIMEOUT_S
-        self._drain_stderr()
+                deadline_s = time.monotonic() + self.config.daemon.stop_timeout_s
+        for state in list(self.services.values()):
+            self._drain_stderr(state)
         self.close_all()
         self.log.event("stop", signal=self.stopping)
         return 0
@@ -140,27 +285,37 @@ class Supervisor:
             self._handle_signals()
         elif isinstance(target, Listener):
             service = self.services[target.service].service
-            if target.address.is_stream and not service.waits(target.address):
+            mode = service.mode(target.address)
+            if mode == "nowait":
                 self.accept(target, service)
-            elif service.kind == "builtin":
+            elif mode == "inline":
                 self.answer_datagrams(target, service)
             else:
                 self.hand_over(target, service)
         elif isinstance(target, ServiceState):
             self._read_stderr(target)
+        elif target == "control":
+            self._serve_control()
 
     def _handle_signals(self) -> None:
         try:
-            received = self.wakeup_r.recv(256)
+            received = set(self.wakeup_r.recv(256))
         except BlockingIOError:
             return
-        for signum in set(received):
-            if signum == signal.SIGCHLD:
-                self.reap()
-            elif signum in (signal.SIGTERM, signal.SIGINT) and not self.stopping:
-                self.stopping = signal.Signals(signum).name
-                self._stop_listening()
+        if signal.SIGTERM in received or signal.SIGINT in received:
+            self.stop(signal.Signals(signal.SIGTERM if signal.SIGTERM in received
+                                     else signal.SIGINT).name)
+        elif signal.SIGHUP in received and not self.stopping:
+            self.reload()
         self.reap()
+
+    def stop(self, reason: str) -> None:
+        """Stop accepting; run() then ends the children and returns."""
+        if self.stopping:
+            return
+        self.stopping = reason
+        self.notifier.stopping()
+        self._stop_listening()
 
     # -- serving ----------------------------------------------------------------
 
@@ -196,9 +351,9 @@ class Supervisor:
         state = self.services[service.name]
         try:
             if service.kind == "exec":
-                env = exec_env(state.env, service.name, peer)
-                stderr_fd = self.devnull if state.stderr_w is None else state.stderr_w
-                pid = spawn_exec(service.argv, env, conn.fileno(), stderr_fd)
+                env = exec_env(dict(service.env), service.name, peer)
+                stderr_fd = state.stderr_w if service.stderr == "log" else None
+                pid = spawn_exec(service.argv, env, conn.fileno(), stderr_fd or self.devnull)
             else:
                 pid = fork_child(lambda: _serve(service, conn, remote),
                                  [conn.fileno(), *self.log.fds()], self.log, service.name)
@@ -211,6 +366,8 @@ class Supervisor:
         state.children.add(pid)
         state.accepted += 1
         self._log_accept(service, listener, peer, pid, waits)
+        if self.notifier.enabled and time.monotonic() - self.last_status_s >= STATUS_EVERY_S:
+            self.notifier.status(self._status_line())
         return pid
 
     def _log_accept(self, service: Service, listener: Listener, peer: Peer, pid: int,
@@ -222,8 +379,7 @@ class Supervisor:
                            local=local, pid=pid, mode="wait")
         elif peer.remote is not None:
             self.log.event("accept", service=service.name, proto=listener.address.proto,
-                           peer=describe(peer.remote, family), local=local,
-                           pid=pid)
+                           peer=describe(peer.remote, family), local=local, pid=pid)
         else:
             self.log.event("accept", service=service.name, proto=listener.address.proto,
                            local=local, peer_pid=peer.pid, peer_uid=peer.uid,
@@ -273,14 +429,20 @@ class Supervisor:
             else:
                 self.log.event("exit", service=child.service, pid=pid,
                                status=os.waitstatus_to_exitcode(status), duration=duration)
-            state = self.services.get(child.service)
-            if state is not None:
-                state.children.discard(pid)
-            listener = child.listener
-            if listener is not None and listener.busy_pid == pid:
-                listener.busy_pid = None
-                if not self.stopping:
-                    self.selector.register(listener.sock, selectors.EVENT_READ, listener)
+            self._release(child)
+
+    def _release(self, child: Child) -> None:
+        listener = child.listener
+        if listener is not None and listener.busy_pid == child.pid:
+            listener.busy_pid = None
+            live = listener.sock.fileno() >= 0 and not self.stopping
+            if live and listener.sock not in self.selector.get_map():
+                self.selector.register(listener.sock, selectors.EVENT_READ, listener)
+        for state in self.services.values():
+            if child.pid in state.children:
+                state.children.discard(child.pid)
+                self._forget_if_done(state)
+                return
 
     def _signal_children(self, sig: int) -> None:
         for pid in self.children:
@@ -307,24 +469,75 @@ class Supervisor:
                 self.log.event("stderr", "warning", service=state.service.name,
                                msg=line[:STDERR_LINE_MAX].decode("utf-8", "replace").rstrip("\r"))
 
-    def _drain_stderr(self) -> None:
-        for state in self.services.values():
-            if state.stderr_r is not None:
+    def _drain_stderr(self, state: ServiceState) -> None:
+        if state.stderr_r is not None:
+            self._read_stderr(state)
+            if state.stderr_partial:
+                state.stderr_partial += b"\n"
                 self._read_stderr(state)
-                if state.stderr_partial:
-                    state.stderr_partial += b"\n"
-                    self._read_stderr(state)
+
+    # -- the control socket -------------------------------------------------------
+
+    def _serve_control(self) -> None:
+        assert self.control is not None
+        try:
+            conn, _ = self.control.accept()
+        except OSError:
+            return
+        with conn:
+            try:
+                command = read_request(conn)
+            except (BadRequest, OSError) as e:
+                self.log.event("control", "warning", result="refused", reason=str(e))
+                send_reply(conn, {"ok": False, "error": str(e)})
+                return
+            if command == "status":
+                send_reply(conn, {"ok": True, **self.status()})
+            elif command == "reload":
+                send_reply(conn, self.reload())
+            else:
+                send_reply(conn, {"ok": True, "pid": os.getpid()})
+                self.stop("control")
+
+    def status(self) -> dict[str, Any]:
+        """What `netd status` shows: the daemon, then every service with its counters."""
+        return {
+            "daemon": {
+                "pid": os.getpid(), "version": __version__, "config": self.config.path,
+                "started": self.started_wall,
+                "uptime_s": round(time.monotonic() - self.started_s, 3),
+                "children": len(self.children), "last_reload": self.last_reload,
+            },
+            "services": [
+                {"name": name, "state": state.state(), "handler": state.service.handler,
+                 "listen": [{"address": lst.local, "proto": lst.address.proto,
+                             "mode": state.service.mode(lst.address),
+                             "busy_pid": lst.busy_pid} for lst in state.listeners],
+                 "children": len(state.children), "accepted": state.accepted,
+                 "refused": state.refused}
+                for name, state in self.services.items()
+            ],
+        }
+
+    def _status_line(self) -> str:
+        self.last_status_s = time.monotonic()
+        accepted = sum(s.accepted for s in self.services.values())
+        return (f"{len(self.services)} services, {len(self.children)} children, "
+                f"{accepted} accepted")
 
     # -- stopping ---------------------------------------------------------------
 
     def _stop_listening(self) -> None:
         for state in self.services.values():
-            for listener in state.listeners:
-                if listener.busy_pid is None:
-                    self.selector.unregister(listener.sock)
-                listener.sock.close()
-                remove_unix(listener.address)
-            state.listeners.clear()
+            for lst in state.listeners:
+                self._close_listener(lst)
+            state.listeners = []
+        if self.control is not None:
+            if self.control in self.selector.get_map():
+                self.selector.unregister(self.control)
+            self.control.close()
+            remove_unix(Address(spec="control", scheme="unix", path=self.config.daemon.control))
+            self.control = None
 
     def close_all(self) -> None:
         """Close every socket and pipe this supervisor holds (children are not touched)."""
@@ -334,6 +547,8 @@ class Supervisor:
                 if fd is not None:
                     os.close(fd)
             state.stderr_r = state.stderr_w = None
+        for sock in self.passed.values():
+            sock.close()
         self.selector.close()
         os.close(self.devnull)
         self.wakeup_r.close()

@@ -11,9 +11,8 @@ import os
 import socket
 import time
 
-from systemd import daemon
-
 from netd.config.model import Address
+from systemd import daemon
 
 
 class Notifier:

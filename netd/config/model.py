@@ -41,6 +41,12 @@ class Address:
     def proto(self) -> str:
         return self.scheme
 
+    @property
+    def key(self) -> tuple[object, ...]:
+        """What identifies the socket: two specs naming the same socket share a key."""
+        where = self.path if self.sockaddr is None else self.sockaddr[:2]
+        return (self.scheme, self.family, where)
+
     def __str__(self) -> str:
         if self.path is not None:
             return f"{self.scheme}:{self.path}"

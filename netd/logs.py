@@ -1,16 +1,19 @@
 """Log events: the one formatter (logfmt) and the targets lines go to (syslog, stderr).
 
-Sending to syslog never blocks: the socket is non-blocking, a full queue drops the
-line and counts it, and the count is reported once the socket takes lines again.
+Sending to syslog never blocks: the socket is non-blocking, a full queue keeps
+lines in a bounded backlog, and only beyond that are lines dropped, counted and
+reported once the socket takes lines again.
 See docs/logging.md for every event and its keys.
 """
 
 from __future__ import annotations
 
 import os
+import select
 import socket
 import sys
 import time
+from collections import deque
 from typing import Protocol
 
 from systemd import journal
@@ -117,26 +120,58 @@ class JournalTarget:
         return True
 
 
+Line = tuple[int, str, dict[str, object], str]
+
+
 class Log:
-    """Where a process's events go; `event()` is the one way to log anything."""
+    """Where a process's events go; `event()` is the one way to log anything.
+
+    Lines the target cannot take right now wait in a bounded backlog, sent in order
+    by flush() when the target is writable again (the supervisor watches `fds()` for
+    that while `backlog` is not empty); beyond BACKLOG_MAX they are dropped, counted,
+    and the count is logged once lines flow again. A forked child sets `patience_s`
+    instead: it has no loop to flush from, so it waits that long for the target.
+    """
+
+    BACKLOG_MAX = 1000
 
     def __init__(self, target: Target, level: str = "info") -> None:
         self.target = target
         self.max_severity = SEVERITIES[level]
         self.dropped = 0
+        self.backlog: deque[Line] = deque()
+        self.patience_s = 0.0
 
     def event(self, event: str, level: str = "info", **fields: object) -> None:
         """Log `event` with `fields` at `level` (a syslog severity name)."""
         severity = SEVERITIES[level]
         if severity > self.max_severity:
             return
-        if self.dropped:
+        line = (severity, event, fields, format_event(event, fields))
+        if self.backlog or not self._send(line):
+            if len(self.backlog) >= self.BACKLOG_MAX:
+                self.dropped += 1
+            else:
+                self.backlog.append(line)
+            self.flush()
+
+    def flush(self) -> None:
+        """Send what waits in the backlog, until the target would block."""
+        while self.backlog and self._send(self.backlog[0]):
+            self.backlog.popleft()
+        if self.dropped and not self.backlog:
             lost: dict[str, object] = {"count": self.dropped}
-            if self.target.send(SEVERITIES["warning"], "log_dropped", lost,
-                                format_event("log_dropped", lost)):
+            if self._send((SEVERITIES["warning"], "log_dropped", lost,
+                           format_event("log_dropped", lost))):
                 self.dropped = 0
-        if not self.target.send(severity, event, fields, format_event(event, fields)):
-            self.dropped += 1
+
+    def _send(self, line: Line) -> bool:
+        if self.target.send(*line):
+            return True
+        if self.patience_s and self.fds():
+            select.select([], self.fds(), [], self.patience_s)
+            return self.target.send(*line)
+        return False
 
     def fds(self) -> list[int]:
         """File descriptors the log needs kept open (in forked children)."""

@@ -1,23 +1,38 @@
 """Starting children: every fork and exec of netd lives here.
 
-Two ways, chosen by what the child runs:
-- exec services are started with posix_spawn (vfork + exec in the C library): the
-  supervisor is never copied, so the rate does not fall as the supervisor grows;
+Three ways, chosen by what the child runs and as whom:
+- an exec service that runs as the supervisor's own user is started with posix_spawn
+  (vfork + exec in the C library) straight from the supervisor: the supervisor is
+  never copied, so the rate does not fall as it grows;
+- an exec service with another identity (user, groups, rlimits, chroot, ...) goes
+  through a Spawner: a small process forked once per identity, which takes that
+  identity for good and then posix_spawns each program it is handed. CPython falls
+  back to a slow full fork as soon as a spawn must change user; this way nothing
+  changes identity per connection and the supervisor still never forks per
+  connection. The supervisor hands it the connection's fd over a Unix socket
+  (SCM_RIGHTS) and it reports each program's pid and exit status back;
 - builtin and python services need the supervisor's code, so they fork; the child
-  resets signals, closes every fd but its connection and the log, and never returns
-  into the supervisor's loop (it leaves with os._exit).
+  resets signals, closes every fd but its connection and the log, takes the
+  service's identity, and never returns into the supervisor's loop (os._exit).
 """
 
 from __future__ import annotations
 
+import array
+import json
 import os
+import resource
+import selectors
 import signal
 import socket
 import struct
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+from netd.config.identity import RLIMITS
+from netd.config.model import Identity
 from netd.logs import Log
 
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -95,8 +110,9 @@ def spawn_exec(argv: tuple[str, ...], env: dict[str, str], conn_fd: int, stderr_
     )
 
 
-def fork_child(run: Callable[[], None], keep_fds: list[int], log: Log, service_name: str) -> int:
-    """Fork a child that calls run() and exits; returns the child's pid in the parent.
+def fork_child(run: Callable[[], None], keep_fds: list[int], log: Log, service_name: str,
+               identity: Identity) -> int:
+    """Fork a child that takes `identity`, calls run() and exits; returns its pid.
 
     The child's exit status says how it went: 0 done, 1 the handler raised (logged
     with its traceback). It never returns into the caller.
@@ -107,6 +123,9 @@ def fork_child(run: Callable[[], None], keep_fds: list[int], log: Log, service_n
     status = 1
     try:
         _become_clean_child(keep_fds)
+        log.backlog.clear()  # the supervisor's, not ours to send
+        log.patience_s = 1.0
+        become(identity)
         run()
         status = 0
     except (ConnectionError, TimeoutError) as e:
@@ -138,3 +157,139 @@ def _become_clean_child(keep_fds: list[int]) -> None:
             os.closerange(low, fd)
             low = fd + 1
     os.closerange(low, os.sysconf("SC_OPEN_MAX"))
+
+
+def become(identity: Identity) -> None:
+    """Take on `identity` for good, in the order that keeps each step possible:
+    limits and priority first, then the file system view, then groups, then user."""
+    if identity.nice is not None:
+        os.setpriority(os.PRIO_PROCESS, 0, identity.nice)
+    for name, soft, hard in identity.rlimits:
+        resource.setrlimit(RLIMITS[name], (soft, hard))
+    if identity.umask is not None:
+        os.umask(identity.umask)
+    if identity.chroot is not None:
+        os.chroot(identity.chroot)
+        os.chdir("/")
+    if identity.cwd is not None:
+        os.chdir(identity.cwd)
+    if identity.uid is None:
+        return
+    if os.geteuid() != 0:
+        if identity.uid != os.geteuid():
+            raise PermissionError(f"netd does not run as root and cannot run children as "
+                                  f"{identity.user}")
+        return
+    assert identity.gid is not None
+    os.setgroups(list(identity.groups or (identity.gid,)))
+    os.setresgid(identity.gid, identity.gid, identity.gid)
+    os.setresuid(identity.uid, identity.uid, identity.uid)
+
+
+class Spawner:
+    """A process that holds one identity and posix_spawns programs for the supervisor.
+
+    `request()` hands it a program and fds; `events()` reads back what happened:
+    {"token", "pid"} when a program started, {"token", "error"} when it could not,
+    {"exit": pid, "status": waitstatus} when one ended.
+    """
+
+    def __init__(self, identity: Identity, keep_fds: list[int]) -> None:
+        self.identity = identity
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:
+            self.sock.close()
+            _spawner_main(theirs, identity, keep_fds)
+        theirs.close()
+        self.pid = pid
+        self.sock.setblocking(False)
+
+    def request(self, token: int, argv: tuple[str, ...], env: dict[str, str], conn_fd: int,
+                stderr_fd: int) -> None:
+        """Ask for argv to be started on conn_fd; the answer comes through events()."""
+        message = json.dumps({"token": token, "argv": argv, "env": env}).encode()
+        fds = array.array("i", [conn_fd, stderr_fd])
+        self.sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
+
+    def events(self) -> list[dict[str, Any]] | None:
+        """What the spawner reported since the last call; None once it has gone."""
+        found: list[dict[str, Any]] = []
+        while True:
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                return found
+            except OSError:
+                data = b""
+            if not data:
+                return None if not found else found
+            found.append(json.loads(data))
+
+    def close(self) -> None:
+        """Tell the spawner to leave (it exits when its socket closes)."""
+        self.sock.close()
+
+
+def _spawner_main(sock: socket.socket, identity: Identity, keep_fds: list[int]) -> None:
+    """The spawner's whole life: take the identity, then serve requests until EOF."""
+    status = 1
+    try:
+        _become_clean_child([sock.fileno(), *keep_fds])
+        become(identity)
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+        selector = selectors.DefaultSelector()
+        selector.register(sock, selectors.EVENT_READ)
+        selector.register(wake_r, selectors.EVENT_READ)
+        while True:
+            for key, _ in selector.select():
+                if key.fileobj == wake_r:
+                    os.read(wake_r, 256)
+                    _report_exits(sock)
+                elif not _spawn_requested(sock):
+                    status = 0
+                    return
+    except BaseException as e:  # report, then leave: never run the supervisor's code
+        try:
+            sock.send(json.dumps({"fatal": f"{type(e).__name__}: {e}"}).encode())
+        except OSError:
+            pass
+    finally:
+        os._exit(status)
+
+
+def _spawn_requested(sock: socket.socket) -> bool:
+    """Start the program of one request; False when the supervisor has gone."""
+    fds = array.array("i")
+    # MSG_CMSG_CLOEXEC: the received fds must not leak into the program beyond 0-2.
+    data, ancdata, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(2 * fds.itemsize),
+                                       socket.MSG_CMSG_CLOEXEC)
+    if not data:
+        return False
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
+    request = json.loads(data)
+    try:
+        pid = spawn_exec(tuple(request["argv"]), request["env"], fds[0], fds[1])
+        reply: dict[str, Any] = {"token": request["token"], "pid": pid}
+    except OSError as e:
+        reply = {"token": request["token"], "error": str(e)}
+    finally:
+        for fd in fds:
+            os.close(fd)
+    sock.send(json.dumps(reply).encode())
+    return True
+
+
+def _report_exits(sock: socket.socket) -> None:
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        sock.send(json.dumps({"exit": pid, "status": status}).encode())

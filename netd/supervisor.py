@@ -10,6 +10,7 @@ CPU at rest.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import selectors
@@ -21,14 +22,16 @@ from typing import Any
 
 from netd import __version__
 from netd.config import Address, Config, ConfigError, Service, load_config
+from netd.config.model import Identity
 from netd.control import BadRequest, read_request, send_reply
 from netd.handlers.builtins import BUILTINS
 from netd.handlers.python import load_handler
 from netd.logs import Log
 from netd.sockets import bind, describe, remove_unix
-from netd.spawn import Peer, exec_env, fork_child, spawn_exec
+from netd.spawn import Peer, Spawner, exec_env, fork_child, spawn_exec
 from netd.systemd import Notifier, adopt
 
+PR_SET_CHILD_SUBREAPER = 36
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 ACCEPTS_PER_WAKEUP = 64
 DATAGRAMS_PER_WAKEUP = 64
@@ -38,14 +41,14 @@ STATUS_EVERY_S = 1.0
 
 @dataclass(eq=False)
 class Listener:
-    """One bound socket; in wait mode, `busy_pid` holds it while a child runs."""
+    """One bound socket; in wait mode it is `busy` while a child holds it."""
 
     service: str
     address: Address
     sock: socket.socket
     local: str
     adopted: bool = False
-    busy_pid: int | None = None
+    busy: bool = False
 
 
 @dataclass
@@ -56,6 +59,18 @@ class Child:
     service: str
     started_s: float
     listener: Listener | None = None
+    spawner: Spawner | None = None
+
+
+@dataclass
+class Pending:
+    """A connection handed to a spawner, until it says which pid serves it."""
+
+    service: str
+    listener: Listener
+    peer: Peer
+    spawner: Spawner
+    asked_s: float
 
 
 @dataclass(eq=False)
@@ -77,7 +92,7 @@ class ServiceState:
         """listening, busy (every socket held by a wait-mode child), or draining."""
         if self.draining:
             return "draining"
-        if self.listeners and all(lst.busy_pid is not None for lst in self.listeners):
+        if self.listeners and all(lst.busy for lst in self.listeners):
             return "busy"
         return "listening"
 
@@ -103,6 +118,12 @@ class Supervisor:
         self.last_status_s = 0.0
         self.passed_names = dict(passed or {})
         self.passed = {fd: socket.socket(fileno=fd) for fd in self.passed_names}
+        self.spawners: dict[Identity, Spawner] = {}
+        self.pending: dict[int, Pending] = {}
+        self.next_token = 0
+        # Programs a dead spawner leaves behind become our children, so that they
+        # are still reaped and logged.
+        _become_subreaper()
 
     # -- start-up and reload ------------------------------------------------------
 
@@ -195,7 +216,7 @@ class Supervisor:
             lst.service = service.name
             lst.sock.setblocking(service.waits(lst.address))
             watched = lst.sock in self.selector.get_map()
-            if lst.busy_pid is None and not watched:
+            if not lst.busy and not watched:
                 self.selector.register(lst.sock, selectors.EVENT_READ, lst)
         if service.kind == "exec" and state.stderr_r is None:
             state.stderr_r, state.stderr_w = os.pipe2(os.O_CLOEXEC)
@@ -264,6 +285,7 @@ class Supervisor:
                 timeout = left if timeout is None else min(timeout, left)
             for key, _ in self.selector.select(timeout):
                 self._dispatch(key.data)
+            self._watch_log()
             if ping_s is not None:
                 self.notifier.watchdog()
             if self.stopping and deadline_s is None:
@@ -277,7 +299,9 @@ class Supervisor:
         for state in list(self.services.values()):
             self._drain_stderr(state)
         self.close_all()
+        self.log.patience_s = 1.0  # no loop left to flush from: wait for the log instead
         self.log.event("stop", signal=self.stopping)
+        self.log.flush()
         return 0
 
     def _dispatch(self, target: object) -> None:
@@ -294,8 +318,21 @@ class Supervisor:
                 self.hand_over(target, service)
         elif isinstance(target, ServiceState):
             self._read_stderr(target)
+        elif isinstance(target, Spawner):
+            self._spawner_events(target)
         elif target == "control":
             self._serve_control()
+        elif target == "log":
+            self.log.flush()
+
+    def _watch_log(self) -> None:
+        """Watch the log socket for room while lines wait in the log's backlog."""
+        for fd in self.log.fds():
+            watched = fd in self.selector.get_map()
+            if self.log.backlog and not watched:
+                self.selector.register(fd, selectors.EVENT_WRITE, "log")
+            elif not self.log.backlog and watched:
+                self.selector.unregister(fd)
 
     def _handle_signals(self) -> None:
         try:
@@ -339,36 +376,103 @@ class Supervisor:
     def hand_over(self, listener: Listener, service: Service) -> None:
         """Wait mode: the child gets the listening socket itself until it exits."""
         self.selector.unregister(listener.sock)
+        listener.busy = True
         peer = Peer.of(listener.sock, listener.address.proto, None)
-        pid = self._start(service, listener, listener.sock, peer, None)
-        if pid is None:
+        if not self._start(service, listener, listener.sock, peer, None):
+            listener.busy = False
             self.selector.register(listener.sock, selectors.EVENT_READ, listener)
-        else:
-            listener.busy_pid = pid
 
     def _start(self, service: Service, listener: Listener, conn: socket.socket, peer: Peer,
-               remote: object) -> int | None:
+               remote: object) -> bool:
+        """Start the child for one connection (or wait-mode socket); False if it failed.
+
+        A spawner starts its program asynchronously: the child is recorded when the
+        spawner reports its pid (_spawner_events).
+        """
         state = self.services[service.name]
+        identity = service.identity
         try:
             if service.kind == "exec":
                 env = exec_env(dict(service.env), service.name, peer)
                 stderr_fd = state.stderr_w if service.stderr == "log" else None
+                if not identity.is_supervisors:
+                    spawner = self._spawner(identity)
+                    self.next_token += 1
+                    spawner.request(self.next_token, service.argv, env, conn.fileno(),
+                                    stderr_fd or self.devnull)
+                    self.pending[self.next_token] = Pending(service.name, listener, peer,
+                                                            spawner, time.monotonic())
+                    return True
                 pid = spawn_exec(service.argv, env, conn.fileno(), stderr_fd or self.devnull)
             else:
                 pid = fork_child(lambda: _serve(service, conn, remote),
-                                 [conn.fileno(), *self.log.fds()], self.log, service.name)
+                                 [conn.fileno(), *self.log.fds()], self.log, service.name,
+                                 identity)
         except OSError as e:
             self.log.event("error", "err", service=service.name, msg=f"cannot start child: {e}")
-            return None
+            return False
+        self._started(pid, service, listener, peer, time.monotonic(), None)
+        return True
+
+    def _started(self, pid: int, service: Service, listener: Listener, peer: Peer,
+                 started_s: float, spawner: Spawner | None) -> None:
         waits = service.waits(listener.address)
-        self.children[pid] = Child(pid, service.name, time.monotonic(),
-                                   listener if waits else None)
+        self.children[pid] = Child(pid, service.name, started_s, listener if waits else None,
+                                   spawner)
+        state = self.services[service.name]
         state.children.add(pid)
         state.accepted += 1
         self._log_accept(service, listener, peer, pid, waits)
         if self.notifier.enabled and time.monotonic() - self.last_status_s >= STATUS_EVERY_S:
             self.notifier.status(self._status_line())
-        return pid
+
+    # -- spawners -----------------------------------------------------------------
+
+    def _spawner(self, identity: Identity) -> Spawner:
+        spawner = self.spawners.get(identity)
+        if spawner is None:
+            spawner = Spawner(identity, self.log.fds())
+            self.spawners[identity] = spawner
+            self.selector.register(spawner.sock, selectors.EVENT_READ, spawner)
+        return spawner
+
+    def _spawner_events(self, spawner: Spawner) -> None:
+        events = spawner.events()
+        for event in events or ():
+            if "exit" in event:
+                self._child_exited(int(event["exit"]), int(event["status"]))
+            elif "fatal" in event:
+                self.log.event("error", "err", user=spawner.identity.user,
+                               msg=f"spawner failed: {event['fatal']}")
+            else:
+                self._spawned(event)
+        if events is None:
+            self._drop_spawner(spawner)
+
+    def _spawned(self, event: dict[str, Any]) -> None:
+        pending = self.pending.pop(int(event["token"]), None)
+        if pending is None:
+            return
+        state = self.services.get(pending.service)
+        if "pid" in event and state is not None:
+            self._started(int(event["pid"]), state.service, pending.listener, pending.peer,
+                          pending.asked_s, pending.spawner)
+            return
+        self.log.event("error", "err", service=pending.service,
+                       msg=f"cannot start child: {event.get('error', 'service gone')}")
+        self._rearm(pending.listener)
+
+    def _drop_spawner(self, spawner: Spawner) -> None:
+        """A spawner went away: fail what it had not started yet."""
+        if self.spawners.get(spawner.identity) is spawner:
+            del self.spawners[spawner.identity]
+        if spawner.sock.fileno() >= 0:
+            self.selector.unregister(spawner.sock)
+            spawner.close()
+        for token, pending in list(self.pending.items()):
+            if pending.spawner is spawner:
+                del self.pending[token]
+                self._rearm(pending.listener)
 
     def _log_accept(self, service: Service, listener: Listener, peer: Peer, pid: int,
                     waits: bool) -> None:
@@ -419,30 +523,42 @@ class Supervisor:
                 return
             if pid == 0:
                 return
-            child = self.children.pop(pid, None)
-            if child is None:
-                continue
-            duration = f"{time.monotonic() - child.started_s:.3f}s"
-            if os.WIFSIGNALED(status):
-                self.log.event("exit", "warning", service=child.service, pid=pid,
-                               signal=signal.Signals(os.WTERMSIG(status)).name, duration=duration)
-            else:
-                self.log.event("exit", service=child.service, pid=pid,
-                               status=os.waitstatus_to_exitcode(status), duration=duration)
-            self._release(child)
+            spawner = next((s for s in self.spawners.values() if s.pid == pid), None)
+            if spawner is not None:
+                self.log.event("error", "err", user=spawner.identity.user,
+                               msg=f"spawner exited (status {status})")
+                self._drop_spawner(spawner)
+            self._child_exited(pid, status)
 
-    def _release(self, child: Child) -> None:
-        listener = child.listener
-        if listener is not None and listener.busy_pid == child.pid:
-            listener.busy_pid = None
-            live = listener.sock.fileno() >= 0 and not self.stopping
-            if live and listener.sock not in self.selector.get_map():
-                self.selector.register(listener.sock, selectors.EVENT_READ, listener)
-        for state in self.services.values():
-            if child.pid in state.children:
-                state.children.discard(child.pid)
-                self._forget_if_done(state)
-                return
+    def _child_exited(self, pid: int, status: int) -> None:
+        """Log a child's end and free what it held."""
+        child = self.children.pop(pid, None)
+        if child is None:
+            return
+        duration = f"{time.monotonic() - child.started_s:.3f}s"
+        if os.WIFSIGNALED(status):
+            self.log.event("exit", "warning", service=child.service, pid=pid,
+                           signal=signal.Signals(os.WTERMSIG(status)).name, duration=duration)
+        else:
+            self.log.event("exit", service=child.service, pid=pid,
+                           status=os.waitstatus_to_exitcode(status), duration=duration)
+        if child.listener is not None:
+            self._rearm(child.listener)
+        state = self.services.get(child.service)
+        if state is not None:
+            state.children.discard(pid)
+            if not state.children:
+                # The pipe is shared by the service's children: with none left, a last
+                # line without its newline is complete.
+                self._drain_stderr(state)
+            self._forget_if_done(state)
+
+    def _rearm(self, listener: Listener) -> None:
+        """A wait-mode socket is free again: watch it (unless it was closed meanwhile)."""
+        listener.busy = False
+        live = listener.sock.fileno() >= 0 and not self.stopping
+        if live and listener.sock not in self.selector.get_map():
+            self.selector.register(listener.sock, selectors.EVENT_READ, listener)
 
     def _signal_children(self, sig: int) -> None:
         for pid in self.children:
@@ -512,7 +628,7 @@ class Supervisor:
                 {"name": name, "state": state.state(), "handler": state.service.handler,
                  "listen": [{"address": lst.local, "proto": lst.address.proto,
                              "mode": state.service.mode(lst.address),
-                             "busy_pid": lst.busy_pid} for lst in state.listeners],
+                             "busy": lst.busy} for lst in state.listeners],
                  "children": len(state.children), "accepted": state.accepted,
                  "refused": state.refused}
                 for name, state in self.services.items()
@@ -549,6 +665,13 @@ class Supervisor:
             state.stderr_r = state.stderr_w = None
         for sock in self.passed.values():
             sock.close()
+        for spawner in self.spawners.values():
+            spawner.close()  # it exits when its socket closes
+            try:
+                os.waitpid(spawner.pid, 0)
+            except ChildProcessError:
+                pass
+        self.spawners.clear()
         self.selector.close()
         os.close(self.devnull)
         self.wakeup_r.close()
@@ -573,3 +696,9 @@ def _serve(service: Service, conn: socket.socket, remote: object) -> None:
     else:
         assert service.python is not None
         load_handler(service.python)(conn, remote)
+
+
+def _become_subreaper() -> None:
+    """prctl(PR_SET_CHILD_SUBREAPER): orphaned descendants are re-parented to us."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)

@@ -52,7 +52,10 @@ def run_client(argv: list[str], cwd: Path, env: dict[str, str] | None = None,
 
 def exec_service(name: str, listen: str, argv: list[str], wait: bool = False) -> str:
     """A config body with one exec service (argv written as a JSON/YAML flow list)."""
+    # user: root: these daemons read the test's tmp_path (mode 0700) and drop
+    # privileges themselves, as they do under inetd.
     return (f"services:\n  {name}:\n    listen: {listen}\n    exec: {json.dumps(argv)}\n"
+            "    user: root\n"
             f"    wait: {'true' if wait else 'false'}\n")
 
 

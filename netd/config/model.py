@@ -57,6 +57,29 @@ class Address:
 
 
 @dataclass(frozen=True)
+class Identity:
+    """Who a service's children run as and within which limits.
+
+    None means "as the supervisor": a netd not running as root cannot change user.
+    """
+
+    user: str | None = None
+    uid: int | None = None
+    gid: int | None = None
+    groups: tuple[int, ...] | None = None
+    umask: int | None = None
+    cwd: str | None = None
+    chroot: str | None = None
+    nice: int | None = None
+    rlimits: tuple[tuple[str, int, int], ...] = ()
+
+    @property
+    def is_supervisors(self) -> bool:
+        """True when a child needs no change at all from the supervisor's process."""
+        return self == Identity()
+
+
+@dataclass(frozen=True)
 class Service:
     """One configured service: where it listens and what serves each connection."""
 
@@ -71,6 +94,7 @@ class Service:
     stderr: Literal["log", "null"] = "log"
     timeout_s: float = 300.0
     backlog: int = 128
+    identity: Identity = Identity()
 
     def mode(self, address: Address) -> Literal["nowait", "wait", "inline"]:
         """How connections on `address` are served.

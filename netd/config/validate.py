@@ -15,7 +15,15 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from netd.config.addresses import AddressError, parse_address
-from netd.config.model import Address, Config, DaemonConfig, LogConfig, Service
+from netd.config.identity import (
+    DEFAULT_USER,
+    parse_limit,
+    parse_nice,
+    parse_umask,
+    resolve_group,
+    resolve_user,
+)
+from netd.config.model import Address, Config, DaemonConfig, Identity, LogConfig, Service
 from netd.config.yamlsource import Mapping, Sequence, Where, YamlError, load_file
 from netd.handlers.builtins import BUILTINS
 
@@ -27,7 +35,8 @@ TOP_KEYS = ("log", "daemon", "include", "defaults", "services")
 DAEMON_KEYS = ("pidfile", "control", "stop_timeout")
 LOG_KEYS = ("to", "syslog_address", "facility", "level")
 HANDLER_KEYS = ("builtin", "exec", "python")
-DEFAULTABLE_KEYS = ("wait", "env", "stderr", "timeout", "backlog")
+IDENTITY_KEYS = ("user", "group", "groups", "umask", "cwd", "chroot", "nice", "rlimits")
+DEFAULTABLE_KEYS = ("wait", "env", "stderr", "timeout", "backlog", *IDENTITY_KEYS)
 SERVICE_KEYS = ("listen", *HANDLER_KEYS, *DEFAULTABLE_KEYS)
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -249,6 +258,7 @@ def _service(name: str, body: Mapping, where: Where, defaults: Mapping,
         # YAML reads a bare `null` as None: that is the documented `stderr: null`.
         stderr_mode = ("null" if source["stderr"] is None
                        else _choice(source, "stderr", ("log", "null"), label, errors))
+    identity = _identity(body, defaults, prefix, errors)
     timeout_s = _duration_setting("timeout", body, defaults, prefix, errors)
     backlog, source = setting("backlog", int, "a number of connections")
     if backlog is not None and not 1 <= backlog <= 65535:
@@ -261,8 +271,64 @@ def _service(name: str, body: Mapping, where: Where, defaults: Mapping,
         wait=None if handlers == ["builtin"] else wait, env=env,
         stderr=cast(Any, stderr_mode or "log"),
         timeout_s=300.0 if timeout_s is None else timeout_s,
-        backlog=backlog or 128,
+        backlog=backlog or 128, identity=identity,
     )
+
+def _identity(body: Mapping, defaults: Mapping, prefix: str, errors: _Errors) -> Identity:
+    """Who the children run as. When netd runs as root, a service that names no user
+    runs as `nobody`: root only when the config says `user: root`."""
+    found: dict[str, Any] = {}
+    for key in IDENTITY_KEYS:
+        source, label = (body, prefix + key) if key in body else (defaults, "defaults." + key)
+        if key not in source:
+            continue
+        value = source[key]
+        try:
+            found[key] = _identity_value(key, value)
+        except ValueError as e:
+            errors.add(source.key_where[key], label, str(e))
+    user = found.get("user")
+    if user is None and os.geteuid() == 0:
+        user = resolve_user(DEFAULT_USER)
+    name, uid, gid = user if user is not None else (None, None, None)
+    gid = found.get("group", gid)
+    groups = found.get("groups")
+    if name is not None and gid is not None and groups is None:
+        groups = _member_of(name, gid)
+    return Identity(user=name, uid=uid, gid=gid, groups=groups,
+                    umask=found.get("umask"), cwd=found.get("cwd"), chroot=found.get("chroot"),
+                    nice=found.get("nice"), rlimits=found.get("rlimits", ()))
+
+
+def _identity_value(key: str, value: Any) -> Any:
+    """One identity setting, parsed; raises ValueError saying what would be valid."""
+    if key == "user":
+        return resolve_user(value)
+    if key == "group":
+        return resolve_group(value)
+    if key == "groups":
+        if not isinstance(value, list):
+            raise ValueError(f"expected a list of groups, got {_kind(value)}")
+        return tuple(resolve_group(g) for g in value)
+    if key == "umask":
+        return parse_umask(value)
+    if key == "nice":
+        return parse_nice(value)
+    if key in ("cwd", "chroot"):
+        if not isinstance(value, str) or not os.path.isabs(value):
+            raise ValueError(f"expected an absolute path, got {_kind(value)}")
+        if key == "chroot" and not os.path.isdir(value):
+            raise ValueError(f"directory '{value}' does not exist")
+        return value
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a mapping like {{nofile: 1024}}, got {_kind(value)}")
+    return tuple(parse_limit(name, limit) for name, limit in value.items())
+
+
+def _member_of(user: str, gid: int) -> tuple[int, ...]:
+    """The user's supplementary groups from /etc/group, as initgroups(3) would set them."""
+    return tuple(sorted({gid, *os.getgrouplist(user, gid)}))
+
 
 def _listen(body: Mapping, prefix: str, where: Where, errors: _Errors) -> list[Address] | None:
     if "listen" not in body:

@@ -1,0 +1,71 @@
+"""Parsing a service's identity settings: user, group, groups, umask, nice, rlimits.
+
+Each function takes a YAML value and returns what the child needs, or raises
+ValueError with a message fit for `FILE:LINE: key: message`.
+"""
+
+from __future__ import annotations
+
+import grp
+import pwd
+import re
+import resource
+
+RLIMITS = {"nofile": resource.RLIMIT_NOFILE, "nproc": resource.RLIMIT_NPROC,
+           "as": resource.RLIMIT_AS, "cpu": resource.RLIMIT_CPU,
+           "core": resource.RLIMIT_CORE, "fsize": resource.RLIMIT_FSIZE}
+SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
+SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+# Who children run as when netd runs as root and a service names no user.
+DEFAULT_USER = "nobody"
+
+
+def resolve_user(value: object) -> tuple[str, int, int]:
+    """(name, uid, primary gid) of a user given by name or number."""
+    try:
+        entry = pwd.getpwuid(value) if isinstance(value, int) else pwd.getpwnam(str(value))
+    except (KeyError, OverflowError):
+        raise ValueError(f"no such user '{value}'") from None
+    return entry.pw_name, entry.pw_uid, entry.pw_gid
+
+
+def resolve_group(value: object) -> int:
+    """The gid of a group given by name or number."""
+    try:
+        entry = grp.getgrgid(value) if isinstance(value, int) else grp.getgrnam(str(value))
+    except (KeyError, OverflowError):
+        raise ValueError(f"no such group '{value}'") from None
+    return entry.gr_gid
+
+
+def parse_umask(value: object) -> int:
+    """A umask written as an octal string ("022") or YAML number (0o22 or 18)."""
+    text = str(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        text = str(value) if 0 <= value <= 777 and set(str(value)) <= set("01234567") \
+            else oct(value)[2:]
+    if not re.fullmatch(r"0?[0-7]{1,3}", text.removeprefix("0o")):
+        raise ValueError(f"'{value}' is not an octal umask like 022")
+    return int(text.removeprefix("0o"), 8)
+
+
+def parse_nice(value: object) -> int:
+    """A nice value, -20 (most favoured) to 19."""
+    if not isinstance(value, int) or isinstance(value, bool) or not -20 <= value <= 19:
+        raise ValueError(f"'{value}' is not a nice value from -20 to 19")
+    return value
+
+
+def parse_limit(name: str, value: object) -> tuple[str, int, int]:
+    """One rlimit as (name, soft, hard): a number, a size (512M) or `unlimited`."""
+    if name not in RLIMITS:
+        raise ValueError(f"unknown limit (expected one of: {', '.join(RLIMITS)})")
+    if value == "unlimited":
+        return name, resource.RLIM_INFINITY, resource.RLIM_INFINITY
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return name, value, value
+    match = SIZE.match(str(value)) if isinstance(value, str) else None
+    if match is None:
+        raise ValueError(f"'{value}' is not a number, a size like 512M, or unlimited")
+    size = int(match.group(1)) * SIZE_UNITS[match.group(2).upper()]
+    return name, size, size

@@ -30,6 +30,7 @@ from netd.logs import Log
 from netd.sockets import bind, describe, remove_unix
 from netd.spawn import Peer, Spawner, exec_env, fork_child, spawn_exec
 from netd.systemd import Notifier, adopt
+from netd.workers import run_worker
 
 PR_SET_CHILD_SUBREAPER = 36
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
@@ -37,6 +38,9 @@ ACCEPTS_PER_WAKEUP = 64
 DATAGRAMS_PER_WAKEUP = 64
 STDERR_LINE_MAX = 2048
 STATUS_EVERY_S = 1.0
+WORKER_BACKOFF_S = 0.1      # first restart delay; doubles while workers keep dying young
+WORKER_BACKOFF_MAX_S = 30.0
+WORKER_STABLE_S = 10.0      # a worker that lived this long resets the back-off
 
 
 @dataclass(eq=False)
@@ -60,6 +64,7 @@ class Child:
     started_s: float
     listener: Listener | None = None
     spawner: Spawner | None = None
+    worker_of: int | None = None  # the service generation a prefork worker serves
 
 
 @dataclass
@@ -84,6 +89,8 @@ class ServiceState:
     accepted: int = 0
     refused: int = 0
     draining: bool = False
+    generation: int = 0
+    worker_failures: int = 0
     stderr_r: int | None = None
     stderr_w: int | None = None
     stderr_partial: bytes = b""
@@ -119,6 +126,7 @@ class Supervisor:
         self.passed_names = dict(passed or {})
         self.passed = {fd: socket.socket(fileno=fd) for fd in self.passed_names}
         self.spawners: dict[Identity, Spawner] = {}
+        self.restarts: dict[str, float] = {}  # service -> when to restart its workers
         self.pending: dict[int, Pending] = {}
         self.next_token = 0
         # Programs a dead spawner leaves behind become our children, so that they
@@ -179,6 +187,7 @@ class Supervisor:
             if name not in plan and not old.draining:
                 changes["removed"].append(name)
                 old.listeners, old.draining = [], True
+                self._retire_workers(old)
         for service in config.services:
             state = self.services.get(service.name)
             if state is None:
@@ -187,6 +196,8 @@ class Supervisor:
             elif state.draining or state.service != service:
                 changes["added" if state.draining else "changed"].append(service.name)
                 state.service, state.draining = service, False
+                state.generation += 1
+                self._retire_workers(state)
             state.listeners = plan[service.name]
             self._arm(state)
         for name in changes["removed"]:
@@ -216,8 +227,13 @@ class Supervisor:
             lst.service = service.name
             lst.sock.setblocking(service.waits(lst.address))
             watched = lst.sock in self.selector.get_map()
-            if not lst.busy and not watched:
+            if service.mode(lst.address) == "workers":
+                if watched:
+                    self.selector.unregister(lst.sock)
+            elif not lst.busy and not watched:
                 self.selector.register(lst.sock, selectors.EVENT_READ, lst)
+        if service.workers:
+            self._start_workers(state)
         if service.kind == "exec" and state.stderr_r is None:
             state.stderr_r, state.stderr_w = os.pipe2(os.O_CLOEXEC)
             os.set_blocking(state.stderr_r, False)
@@ -280,12 +296,14 @@ class Supervisor:
         deadline_s: float | None = None
         while not (self.stopping and not self.children):
             timeout = ping_s
-            if deadline_s is not None:
-                left = max(0.0, deadline_s - time.monotonic())
-                timeout = left if timeout is None else min(timeout, left)
+            for due_s in (deadline_s, *self.restarts.values()):
+                if due_s is not None:
+                    left = max(0.0, due_s - time.monotonic())
+                    timeout = left if timeout is None else min(timeout, left)
             for key, _ in self.selector.select(timeout):
                 self._dispatch(key.data)
             self._watch_log()
+            self._restart_due_workers()
             if ping_s is not None:
                 self.notifier.watchdog()
             if self.stopping and deadline_s is None:
@@ -545,6 +563,8 @@ class Supervisor:
         if child.listener is not None:
             self._rearm(child.listener)
         state = self.services.get(child.service)
+        if state is not None and child.worker_of == state.generation:
+            self._worker_lost(state, child)
         if state is not None:
             state.children.discard(pid)
             if not state.children:
@@ -552,6 +572,64 @@ class Supervisor:
                 # line without its newline is complete.
                 self._drain_stderr(state)
             self._forget_if_done(state)
+
+    # -- prefork workers --------------------------------------------------------
+
+    def _start_workers(self, state: ServiceState) -> None:
+        """Start the workers a service is missing (not while a restart waits)."""
+        service = state.service
+        running = sum(1 for pid in state.children
+                      if self.children[pid].worker_of == state.generation)
+        if self.stopping or service.name in self.restarts:
+            return
+        sockets = [lst.sock for lst in state.listeners
+                   if service.mode(lst.address) == "workers"]
+        for _ in range(service.workers - running):
+            try:
+                pid = fork_child(lambda: run_worker(service, sockets, self.log),
+                                 [s.fileno() for s in sockets] + self.log.fds(), self.log,
+                                 service.name, service.identity)
+            except OSError as e:
+                self.log.event("error", "err", service=service.name,
+                               msg=f"cannot start worker: {e}")
+                return
+            self.children[pid] = Child(pid, service.name, time.monotonic(),
+                                       worker_of=state.generation)
+            state.children.add(pid)
+            self.log.event("worker", service=service.name, pid=pid,
+                           generation=state.generation)
+
+    def _worker_lost(self, state: ServiceState, child: Child) -> None:
+        """A current worker died: restart it, backing off while it keeps dying young."""
+        if self.stopping or state.draining:
+            return
+        lived_s = time.monotonic() - child.started_s
+        state.worker_failures = 0 if lived_s >= WORKER_STABLE_S else state.worker_failures + 1
+        delay_s = min(WORKER_BACKOFF_MAX_S, WORKER_BACKOFF_S * 2 ** state.worker_failures)
+        self.restarts[state.service.name] = time.monotonic() + delay_s
+        self.log.event("restart", "warning", service=state.service.name,
+                       delay=f"{delay_s:.3f}s", failures=state.worker_failures)
+
+    def _restart_due_workers(self) -> None:
+        now = time.monotonic()
+        for name, due_s in list(self.restarts.items()):
+            if due_s <= now:
+                del self.restarts[name]
+                state = self.services.get(name)
+                if state is not None and not state.draining:
+                    self._start_workers(state)
+
+    def _retire_workers(self, state: ServiceState) -> None:
+        """Ask workers of an older generation to finish what they serve and leave."""
+        self.restarts.pop(state.service.name, None)
+        for pid in state.children:
+            child = self.children[pid]
+            if child.worker_of is not None and (state.draining
+                                                or child.worker_of != state.generation):
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
 
     def _rearm(self, listener: Listener) -> None:
         """A wait-mode socket is free again: watch it (unless it was closed meanwhile)."""

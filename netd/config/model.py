@@ -95,13 +95,18 @@ class Service:
     timeout_s: float = 300.0
     backlog: int = 128
     identity: Identity = Identity()
+    workers: int = 0
+    threads: int = 16
 
-    def mode(self, address: Address) -> Literal["nowait", "wait", "inline"]:
+    def mode(self, address: Address) -> Literal["nowait", "wait", "inline", "workers"]:
         """How connections on `address` are served.
 
         nowait: a child per connection; wait: one child gets the socket itself (inetd's
-        wait, the default for datagrams); inline: a UDP builtin answered by the supervisor.
+        wait, the default for datagrams); inline: a UDP builtin answered by the
+        supervisor; workers: `workers` long-lived children accept and serve.
         """
+        if self.workers and address.is_stream:
+            return "workers"
         if self.kind == "builtin":
             return "nowait" if address.is_stream else "inline"
         if self.wait is None:

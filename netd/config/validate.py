@@ -37,7 +37,7 @@ LOG_KEYS = ("to", "syslog_address", "facility", "level")
 HANDLER_KEYS = ("builtin", "exec", "python")
 IDENTITY_KEYS = ("user", "group", "groups", "umask", "cwd", "chroot", "nice", "rlimits")
 DEFAULTABLE_KEYS = ("wait", "env", "stderr", "timeout", "backlog", *IDENTITY_KEYS)
-SERVICE_KEYS = ("listen", *HANDLER_KEYS, *DEFAULTABLE_KEYS)
+SERVICE_KEYS = ("listen", *HANDLER_KEYS, "workers", "threads", *DEFAULTABLE_KEYS)
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -259,6 +259,12 @@ def _service(name: str, body: Mapping, where: Where, defaults: Mapping,
         stderr_mode = ("null" if source["stderr"] is None
                        else _choice(source, "stderr", ("log", "null"), label, errors))
     identity = _identity(body, defaults, prefix, errors)
+    workers = _count(body, "workers", 1, 256, prefix, errors)
+    threads = _count(body, "threads", 1, 1024, prefix, errors)
+    if workers and handlers == ["exec"]:
+        errors.add(body.key_where["workers"], prefix + "workers",
+                   "is for builtin and python services; an exec service starts a program "
+                   "per connection")
     timeout_s = _duration_setting("timeout", body, defaults, prefix, errors)
     backlog, source = setting("backlog", int, "a number of connections")
     if backlog is not None and not 1 <= backlog <= 65535:
@@ -271,8 +277,18 @@ def _service(name: str, body: Mapping, where: Where, defaults: Mapping,
         wait=None if handlers == ["builtin"] else wait, env=env,
         stderr=cast(Any, stderr_mode or "log"),
         timeout_s=300.0 if timeout_s is None else timeout_s,
-        backlog=backlog or 128, identity=identity,
+        backlog=backlog or 128, identity=identity, workers=workers or 0,
+        threads=threads or 16,
     )
+
+def _count(body: Mapping, key: str, low: int, high: int, prefix: str,
+           errors: _Errors) -> int | None:
+    value: int | None = _get(body, key, int, prefix + key, errors, "a number")
+    if value is not None and not low <= value <= high:
+        errors.add(body.key_where[key], prefix + key, f"must be {low}-{high}")
+        return None
+    return value
+
 
 def _identity(body: Mapping, defaults: Mapping, prefix: str, errors: _Errors) -> Identity:
     """Who the children run as. When netd runs as root, a service that names no user

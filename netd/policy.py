@@ -206,7 +206,8 @@ class RateWindow:
 
     def full(self, now_s: float) -> bool:
         """True when one more arrival at `now_s` would exceed the rate."""
-        while self.arrivals and now_s - self.arrivals[0] >= self.rate.window_s:
+        # Compared as free_at_s computes it, so the window has room at exactly that time.
+        while self.arrivals and self.free_at_s() <= now_s:
             self.arrivals.popleft()
         return len(self.arrivals) >= self.rate.count
 
@@ -215,7 +216,7 @@ class RateWindow:
         self.arrivals.append(now_s)
 
     def free_at_s(self) -> float:
-        """When the oldest arrival leaves the window, making room for one more (when full)."""
+        """When the oldest arrival leaves the window, making room for one more."""
         return self.arrivals[0] + self.rate.window_s
 
 

@@ -66,6 +66,14 @@ def _clear_stale_unix(address: Address) -> None:
                     f"listening on {address.path}")
 
 
+def set_file_owner(path: str, uid: int | None, gid: int | None, mode: int | None) -> None:
+    """Give a Unix socket file its configured owner, group and mode."""
+    if uid is not None or gid is not None:
+        os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
+    if mode is not None:
+        os.chmod(path, mode)
+
+
 def remove_unix(address: Address) -> None:
     """Remove the socket file of a unix address we bound (if it is still a socket)."""
     if address.path is None:

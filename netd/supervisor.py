@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import heapq
+import itertools
 import os
 import selectors
 import signal
@@ -27,7 +29,7 @@ from netd.control import BadRequest, read_request, send_reply
 from netd.handlers.builtins import BUILTINS
 from netd.handlers.python import load_handler
 from netd.logs import Log
-from netd.sockets import bind, describe, remove_unix
+from netd.sockets import bind, describe, remove_unix, set_file_owner
 from netd.spawn import Peer, Spawner, exec_env, fork_child, spawn_exec
 from netd.systemd import Notifier, adopt
 from netd.workers import run_worker
@@ -38,6 +40,7 @@ ACCEPTS_PER_WAKEUP = 64
 DATAGRAMS_PER_WAKEUP = 64
 STDERR_LINE_MAX = 2048
 STATUS_EVERY_S = 1.0
+KILL_GRACE_S = 5.0          # after max_duration's SIGTERM, SIGKILL
 WORKER_BACKOFF_S = 0.1      # first restart delay; doubles while workers keep dying young
 WORKER_BACKOFF_MAX_S = 30.0
 WORKER_STABLE_S = 10.0      # a worker that lived this long resets the back-off
@@ -127,6 +130,9 @@ class Supervisor:
         self.passed = {fd: socket.socket(fileno=fd) for fd in self.passed_names}
         self.spawners: dict[Identity, Spawner] = {}
         self.restarts: dict[str, float] = {}  # service -> when to restart its workers
+        # (when, tie-breaker, child, signal): children past their service's max_duration
+        self.expiries: list[tuple[float, int, Child, signal.Signals]] = []
+        self.expiry_order = itertools.count()
         self.pending: dict[int, Pending] = {}
         self.next_token = 0
         # Programs a dead spawner leaves behind become our children, so that they
@@ -211,6 +217,9 @@ class Supervisor:
         adopted = sock is not None
         if sock is None:
             sock = bind(address, service.backlog, blocking)
+            if address.path is not None:
+                perms = service.socket_file
+                set_file_owner(address.path, perms.uid, perms.gid, perms.mode)
         sock.setblocking(blocking)
         lst = Listener(service.name, address, sock, describe(sock.getsockname(), sock.family),
                        adopted=adopted)
@@ -296,7 +305,8 @@ class Supervisor:
         deadline_s: float | None = None
         while not (self.stopping and not self.children):
             timeout = ping_s
-            for due_s in (deadline_s, *self.restarts.values()):
+            first_expiry = self.expiries[0][0] if self.expiries else None
+            for due_s in (deadline_s, first_expiry, *self.restarts.values()):
                 if due_s is not None:
                     left = max(0.0, due_s - time.monotonic())
                     timeout = left if timeout is None else min(timeout, left)
@@ -304,6 +314,7 @@ class Supervisor:
                 self._dispatch(key.data)
             self._watch_log()
             self._restart_due_workers()
+            self._expire_children()
             if ping_s is not None:
                 self.notifier.watchdog()
             if self.stopping and deadline_s is None:
@@ -435,8 +446,10 @@ class Supervisor:
     def _started(self, pid: int, service: Service, listener: Listener, peer: Peer,
                  started_s: float, spawner: Spawner | None) -> None:
         waits = service.waits(listener.address)
-        self.children[pid] = Child(pid, service.name, started_s, listener if waits else None,
-                                   spawner)
+        child = Child(pid, service.name, started_s, listener if waits else None, spawner)
+        self.children[pid] = child
+        if service.max_duration_s is not None:
+            self._expire_at(started_s + service.max_duration_s, child, signal.SIGTERM)
         state = self.services[service.name]
         state.children.add(pid)
         state.accepted += 1
@@ -553,6 +566,11 @@ class Supervisor:
         child = self.children.pop(pid, None)
         if child is None:
             return
+        if len(self.expiries) > 2 * len(self.children) + 64:
+            # Drop the deadlines of children that ended in time, so the heap stays
+            # the size of what runs, whatever max_duration is.
+            self.expiries = [e for e in self.expiries if self.children.get(e[2].pid) is e[2]]
+            heapq.heapify(self.expiries)
         duration = f"{time.monotonic() - child.started_s:.3f}s"
         if os.WIFSIGNALED(status):
             self.log.event("exit", "warning", service=child.service, pid=pid,
@@ -626,10 +644,25 @@ class Supervisor:
             child = self.children[pid]
             if child.worker_of is not None and (state.draining
                                                 or child.worker_of != state.generation):
-                try:
-                    os.kill(pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+                _signal_group(pid, signal.SIGTERM)
+
+    # -- max_duration ---------------------------------------------------------------
+
+    def _expire_at(self, when_s: float, child: Child, sig: signal.Signals) -> None:
+        heapq.heappush(self.expiries, (when_s, next(self.expiry_order), child, sig))
+
+    def _expire_children(self) -> None:
+        """SIGTERM children past max_duration; SIGKILL them KILL_GRACE_S later."""
+        now = time.monotonic()
+        while self.expiries and self.expiries[0][0] <= now:
+            _, _, child, sig = heapq.heappop(self.expiries)
+            if self.children.get(child.pid) is not child:
+                continue  # it ended in time
+            self.log.event("timeout", "warning", service=child.service, pid=child.pid,
+                           reason="max_duration", signal=sig.name)
+            _signal_group(child.pid, sig)
+            if sig == signal.SIGTERM:
+                self._expire_at(now + KILL_GRACE_S, child, signal.SIGKILL)
 
     def _rearm(self, listener: Listener) -> None:
         """A wait-mode socket is free again: watch it (unless it was closed meanwhile)."""
@@ -640,10 +673,7 @@ class Supervisor:
 
     def _signal_children(self, sig: int) -> None:
         for pid in self.children:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+            _signal_group(pid, sig)
 
     # -- exec children's stderr ---------------------------------------------------
 
@@ -754,6 +784,19 @@ class Supervisor:
         os.close(self.devnull)
         self.wakeup_r.close()
         self.wakeup_w.close()
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    """Signal a child and what it started: every child leads its own session and group."""
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
 def _note_signal(signum: int, frame: object) -> None:

@@ -24,6 +24,10 @@ if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${missing[@]}" >&2
 fi
 
+# netd refuses config files others than their owner may write: a umask of 002 (the
+# default for users on Debian and Ubuntu) checks them out group-writable.
+chmod -R go-w etc
+
 python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv

@@ -39,13 +39,13 @@ def resolve_group(value: object) -> int:
 
 
 def parse_umask(value: object) -> int:
-    """A umask written as an octal string ("022") or YAML number (0o22 or 18)."""
+    """A umask or file mode written in octal: "022", "0660", or a YAML number."""
     text = str(value)
     if isinstance(value, int) and not isinstance(value, bool):
         text = str(value) if 0 <= value <= 777 and set(str(value)) <= set("01234567") \
             else oct(value)[2:]
     if not re.fullmatch(r"0?[0-7]{1,3}", text.removeprefix("0o")):
-        raise ValueError(f"'{value}' is not an octal umask like 022")
+        raise ValueError(f"'{value}' is not an octal mode like 022 or 0660")
     return int(text.removeprefix("0o"), 8)
 
 

@@ -80,6 +80,15 @@ class Identity:
 
 
 @dataclass(frozen=True)
+class SocketFile:
+    """Owner, group and mode given to a service's Unix socket files."""
+
+    uid: int | None = None
+    gid: int | None = None
+    mode: int | None = None
+
+
+@dataclass(frozen=True)
 class Service:
     """One configured service: where it listens and what serves each connection."""
 
@@ -97,6 +106,8 @@ class Service:
     identity: Identity = Identity()
     workers: int = 0
     threads: int = 16
+    max_duration_s: float | None = None
+    socket_file: SocketFile = SocketFile()
 
     def mode(self, address: Address) -> Literal["nowait", "wait", "inline", "workers"]:
         """How connections on `address` are served.

@@ -23,7 +23,15 @@ from netd.config.identity import (
     resolve_group,
     resolve_user,
 )
-from netd.config.model import Address, Config, DaemonConfig, Identity, LogConfig, Service
+from netd.config.model import (
+    Address,
+    Config,
+    DaemonConfig,
+    Identity,
+    LogConfig,
+    Service,
+    SocketFile,
+)
 from netd.config.yamlsource import Mapping, Sequence, Where, YamlError, load_file
 from netd.handlers.builtins import BUILTINS
 
@@ -36,8 +44,10 @@ DAEMON_KEYS = ("pidfile", "control", "stop_timeout")
 LOG_KEYS = ("to", "syslog_address", "facility", "level")
 HANDLER_KEYS = ("builtin", "exec", "python")
 IDENTITY_KEYS = ("user", "group", "groups", "umask", "cwd", "chroot", "nice", "rlimits")
-DEFAULTABLE_KEYS = ("wait", "env", "stderr", "timeout", "backlog", *IDENTITY_KEYS)
-SERVICE_KEYS = ("listen", *HANDLER_KEYS, "workers", "threads", *DEFAULTABLE_KEYS)
+DEFAULTABLE_KEYS = ("wait", "env", "stderr", "timeout", "max_duration", "backlog",
+                    *IDENTITY_KEYS)
+SERVICE_KEYS = ("listen", *HANDLER_KEYS, "workers", "threads", "socket", *DEFAULTABLE_KEYS)
+SOCKET_KEYS = ("user", "group", "mode")
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -266,6 +276,8 @@ def _service(name: str, body: Mapping, where: Where, defaults: Mapping,
                    "is for builtin and python services; an exec service starts a program "
                    "per connection")
     timeout_s = _duration_setting("timeout", body, defaults, prefix, errors)
+    max_duration_s = _duration_setting("max_duration", body, defaults, prefix, errors)
+    socket_file = _socket_file(body, prefix, errors)
     backlog, source = setting("backlog", int, "a number of connections")
     if backlog is not None and not 1 <= backlog <= 65535:
         errors.add(source.key_where["backlog"], prefix + "backlog", "must be 1-65535")
@@ -278,8 +290,30 @@ def _service(name: str, body: Mapping, where: Where, defaults: Mapping,
         stderr=cast(Any, stderr_mode or "log"),
         timeout_s=300.0 if timeout_s is None else timeout_s,
         backlog=backlog or 128, identity=identity, workers=workers or 0,
-        threads=threads or 16,
+        threads=threads or 16, max_duration_s=max_duration_s or None,
+        socket_file=socket_file,
     )
+
+def _socket_file(body: Mapping, prefix: str, errors: _Errors) -> SocketFile:
+    section = body.get("socket")
+    if section is None:
+        return SocketFile()
+    if not isinstance(section, Mapping):
+        errors.add(body.key_where["socket"], prefix + "socket",
+                   f"expected a mapping like {{user: www-data, mode: '0660'}}, "
+                   f"got {_kind(section)}")
+        return SocketFile()
+    _check_keys(section, SOCKET_KEYS, prefix + "socket.", errors)
+    parsed: dict[str, int] = {}
+    for key, parse in (("user", lambda v: resolve_user(v)[1]), ("group", resolve_group),
+                       ("mode", parse_umask)):
+        if key in section:
+            try:
+                parsed[key] = parse(section[key])
+            except ValueError as e:
+                errors.add(section.key_where[key], f"{prefix}socket.{key}", str(e))
+    return SocketFile(uid=parsed.get("user"), gid=parsed.get("group"), mode=parsed.get("mode"))
+
 
 def _count(body: Mapping, key: str, low: int, high: int, prefix: str,
            errors: _Errors) -> int | None:

@@ -8,6 +8,8 @@ a budget, so a "billion laughs" document is an error, not a hang.
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +55,7 @@ class Sequence(list[Any]):
 def load_file(path: str) -> Any:
     """Read and parse one YAML file into located values; raises YamlError or OSError."""
     with open(path, "rb") as f:
+        _check_trusted(path, os.fstat(f.fileno()))
         raw = f.read()
     try:
         text = raw.decode("utf-8")
@@ -70,6 +73,17 @@ def load_file(path: str) -> Any:
     if node is None:
         return None
     return _Converter(path).convert(node)
+
+
+def _check_trusted(path: str, info: os.stat_result) -> None:
+    """Refuse a config someone other than its owner (root or netd's user) may change:
+    whoever can write it can make netd run any program, often as root."""
+    if info.st_uid not in (0, os.geteuid()):
+        raise YamlError(Where(path, 1), f"owned by uid {info.st_uid}, neither root nor the "
+                        "user netd runs as; refusing it")
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise YamlError(Where(path, 1), f"writable by others than its owner (mode "
+                        f"{stat.S_IMODE(info.st_mode):04o}); refusing it: chmod go-w {path}")
 
 
 class _Converter:

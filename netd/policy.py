@@ -64,13 +64,11 @@ class Rules:
 
 @dataclass(frozen=True)
 class AccessList:
-    """Who may connect: deny wins; an empty allow (for the peer's kind) lets everyone in.
+    """Who may connect: deny wins; an empty allow (for the peer's kind) lets everyone in."""
 
-    IP rules apply to IP peers and uid/gid rules to unix-socket peers. IPv4 addresses
-    and networks written in v4-mapped IPv6 form (::ffff:10.0.0.0/104) are the IPv4 ones,
-    so a v4 client is matched alike whether it arrives on a v4 or a dual-stack socket.
-    """
-
+    # IP rules apply to IP peers, uid/gid rules to unix-socket peers. v4-mapped IPv6
+    # addresses and networks (::ffff:10.0.0.0/104) are kept as the IPv4 ones, so a v4
+    # client is matched alike on a v4 and on a dual-stack socket.
     allow: Rules = Rules()
     deny: Rules = Rules()
 
@@ -285,11 +283,9 @@ class Suspend:
 
 
 def check_rate(window: RateWindow | None, limits: Limits, now_s: float) -> Suspend | None:
-    """Before accepting: Suspend when one more connection now would exceed the rate.
-
-    The pause lasts rate_pause_s, and at least until the window has room again, so a
-    resumed service can always take a connection.
-    """
+    """Before accepting: Suspend when one more connection now would exceed the rate."""
+    # The pause lasts rate_pause_s and at least until the window has room again, so a
+    # resumed service can always take the connection that is waiting.
     if window is None or not window.full(now_s):
         return None
     return Suspend(max(now_s + limits.rate_pause_s, window.free_at_s()))
@@ -297,11 +293,8 @@ def check_rate(window: RateWindow | None, limits: Limits, now_s: float) -> Suspe
 
 def decide(access: AccessList, limits: Limits, counters: Counters, peer: Peer,
            all_children: int, max_children: int | None) -> Accept | Refuse:
-    """Accept or refuse a connection from `peer`, most specific reason first.
-
-    Checked in order: access, per_source, instances (this service's children) and
-    max_children (the daemon's, against `all_children` running over all services).
-    """
+    """Accept or Refuse a connection from `peer`; all_children counts every service's."""
+    # The most specific reason wins: access, per_source, instances, max_children.
     permitted = (access.permits_unix(peer.uid, peer.gid) if isinstance(peer, UnixPeer)
                  else access.permits_ip(peer))
     if not permitted:

@@ -92,10 +92,7 @@ def _parse_v1(buffer: bytes) -> Incomplete | ProxyHeader:
 
 
 def _v1_fields(line: bytes, complete: bool) -> list[str]:
-    """The fields of a v1 line after "PROXY", checked; `complete` when CRLF ends the line.
-
-    A partial last field passes when some ending would make it valid.
-    """
+    """The checked fields of a v1 line; a partial last one passes if some ending makes it valid."""
     if any(not 0x20 <= byte <= 0x7E for byte in line):
         raise ProxyError("v1 line holds a byte that is not printable ASCII (or a lone CR/LF)")
     fields = line.decode("ascii").split(" ")

@@ -29,6 +29,9 @@ from netd.control import BadRequest, read_request, send_reply
 from netd.handlers.builtins import BUILTINS
 from netd.handlers.python import load_handler
 from netd.logs import Log
+from netd.policy import Counters, RateWindow, Refuse, UnixPeer, check_rate, decide, source_key
+from netd.proxy import ProxyError
+from netd.proxywait import ProxyWait
 from netd.sockets import bind, describe, remove_unix, set_file_owner
 from netd.spawn import Peer, Spawner, exec_env, fork_child, spawn_exec
 from netd.systemd import Notifier, adopt
@@ -40,6 +43,7 @@ ACCEPTS_PER_WAKEUP = 64
 DATAGRAMS_PER_WAKEUP = 64
 STDERR_LINE_MAX = 2048
 STATUS_EVERY_S = 1.0
+MAX_PROXY_WAITS = 1024     # connections whose PROXY header may be pending at once
 KILL_GRACE_S = 5.0          # after max_duration's SIGTERM, SIGKILL
 WORKER_BACKOFF_S = 0.1      # first restart delay; doubles while workers keep dying young
 WORKER_BACKOFF_MAX_S = 30.0
@@ -68,6 +72,8 @@ class Child:
     listener: Listener | None = None
     spawner: Spawner | None = None
     worker_of: int | None = None  # the service generation a prefork worker serves
+    counted: bool = False  # counted in its service's Counters (under `source`)
+    source: str | None = None
 
 
 @dataclass
@@ -79,6 +85,8 @@ class Pending:
     peer: Peer
     spawner: Spawner
     asked_s: float
+    counted: bool
+    source: str | None
 
 
 @dataclass(eq=False)
@@ -94,14 +102,20 @@ class ServiceState:
     draining: bool = False
     generation: int = 0
     worker_failures: int = 0
+    counters: Counters = field(default_factory=Counters)
+    window: RateWindow | None = None
+    suspended_until_s: float | None = None
     stderr_r: int | None = None
     stderr_w: int | None = None
     stderr_partial: bytes = b""
 
     def state(self) -> str:
-        """listening, busy (every socket held by a wait-mode child), or draining."""
+        """listening, busy (every socket held by a wait-mode child), suspended (over
+        its rate), or draining."""
         if self.draining:
             return "draining"
+        if self.suspended_until_s is not None:
+            return "suspended"
         if self.listeners and all(lst.busy for lst in self.listeners):
             return "busy"
         return "listening"
@@ -133,6 +147,7 @@ class Supervisor:
         # (when, tie-breaker, child, signal): children past their service's max_duration
         self.expiries: list[tuple[float, int, Child, signal.Signals]] = []
         self.expiry_order = itertools.count()
+        self.proxy_waits: set[ProxyWait] = set()
         self.pending: dict[int, Pending] = {}
         self.next_token = 0
         # Programs a dead spawner leaves behind become our children, so that they
@@ -205,6 +220,9 @@ class Supervisor:
                 state.generation += 1
                 self._retire_workers(state)
             state.listeners = plan[service.name]
+            rate = service.limits.rate
+            if state.window is None or state.window.rate != rate:
+                state.window = RateWindow(rate) if rate is not None else None
             self._arm(state)
         for name in changes["removed"]:
             self._forget_if_done(self.services[name])
@@ -239,7 +257,7 @@ class Supervisor:
             if service.mode(lst.address) == "workers":
                 if watched:
                     self.selector.unregister(lst.sock)
-            elif not lst.busy and not watched:
+            elif not lst.busy and not watched and state.suspended_until_s is None:
                 self.selector.register(lst.sock, selectors.EVENT_READ, lst)
         if service.workers:
             self._start_workers(state)
@@ -305,16 +323,17 @@ class Supervisor:
         deadline_s: float | None = None
         while not (self.stopping and not self.children):
             timeout = ping_s
-            first_expiry = self.expiries[0][0] if self.expiries else None
-            for due_s in (deadline_s, first_expiry, *self.restarts.values()):
-                if due_s is not None:
-                    left = max(0.0, due_s - time.monotonic())
-                    timeout = left if timeout is None else min(timeout, left)
+            timers = self._timers() + ([deadline_s] if deadline_s is not None else [])
+            for due_s in timers:
+                left = max(0.0, due_s - time.monotonic())
+                timeout = left if timeout is None else min(timeout, left)
             for key, _ in self.selector.select(timeout):
                 self._dispatch(key.data)
             self._watch_log()
             self._restart_due_workers()
             self._expire_children()
+            self._resume_due_services()
+            self._expire_proxy_waits()
             if ping_s is not None:
                 self.notifier.watchdog()
             if self.stopping and deadline_s is None:
@@ -333,6 +352,17 @@ class Supervisor:
         self.log.flush()
         return 0
 
+    def _timers(self) -> list[float]:
+        """When something must happen without any fd waking us (none when idle)."""
+        due = list(self.restarts.values())
+        if self.expiries:
+            due.append(self.expiries[0][0])
+        due.extend(s.suspended_until_s for s in self.services.values()
+                   if s.suspended_until_s is not None)
+        if self.proxy_waits:
+            due.append(min(wait.deadline_s for wait in self.proxy_waits))
+        return due
+
     def _dispatch(self, target: object) -> None:
         if target is None:
             self._handle_signals()
@@ -349,6 +379,8 @@ class Supervisor:
             self._read_stderr(target)
         elif isinstance(target, Spawner):
             self._spawner_events(target)
+        elif isinstance(target, ProxyWait):
+            self._proxy_header(target)
         elif target == "control":
             self._serve_control()
         elif target == "log":
@@ -386,8 +418,16 @@ class Supervisor:
     # -- serving ----------------------------------------------------------------
 
     def accept(self, listener: Listener, service: Service) -> None:
-        """Accept what is queued on a nowait stream listener and start a child for each."""
+        """Accept what is queued on a nowait stream listener and start a child for each
+        connection the policy lets in; over its rate, the service is suspended instead
+        and connections wait in the backlog."""
+        state = self.services[service.name]
         for _ in range(ACCEPTS_PER_WAKEUP):
+            now = time.monotonic()
+            suspend = check_rate(state.window, service.limits, now)
+            if suspend is not None:
+                self._suspend(state, suspend.until_s)
+                return
             try:
                 conn, remote = listener.sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -398,9 +438,117 @@ class Supervisor:
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
                     return
                 continue
+            if state.window is not None:
+                state.window.record(now)
+            if service.proxy is not None:
+                self._await_proxy_header(service, listener, conn, remote, now)
+                continue
             with conn:
                 peer = Peer.of(conn, listener.address.proto, remote)
-                self._start(service, listener, conn, peer, remote)
+                self._admit(service, listener, conn, peer, remote)
+
+    def _admit(self, service: Service, listener: Listener, conn: socket.socket, peer: Peer,
+               remote: object) -> None:
+        """Apply access and limits to one connection, then start its child."""
+        state = self.services[service.name]
+        who = _policy_peer(peer)
+        decision = decide(service.access, service.limits, state.counters, who,
+                          len(self.children) + len(self.pending),
+                          self.config.daemon.max_children)
+        if isinstance(decision, Refuse):
+            self._refuse(service, peer, decision.reason)
+            return
+        source = source_key(who)
+        state.counters.started(source)
+        if not self._start(service, listener, conn, peer, remote, True, source):
+            state.counters.ended(source)
+
+    def _refuse(self, service: Service, peer: Peer, reason: str, **detail: object) -> None:
+        self.services[service.name].refused += 1
+        family = socket.AF_INET6 if peer.remote and ":" in peer.remote[0] else socket.AF_INET
+        where: dict[str, object] = (
+            {"peer": describe(peer.remote, family)} if peer.remote is not None
+            else {"peer_uid": peer.uid, "peer_gid": peer.gid})
+        self.log.event("refuse", "notice", service=service.name, **where, reason=reason,
+                       **detail)
+
+    # -- rate suspension ----------------------------------------------------------
+
+    def _suspend(self, state: ServiceState, until_s: float) -> None:
+        state.suspended_until_s = until_s
+        for lst in state.listeners:
+            if lst.sock in self.selector.get_map():
+                self.selector.unregister(lst.sock)
+        self.log.event("suspend", "warning", service=state.service.name, reason="rate",
+                       pause=f"{until_s - time.monotonic():.3f}s")
+
+    def _resume_due_services(self) -> None:
+        now = time.monotonic()
+        for state in self.services.values():
+            if state.suspended_until_s is not None and state.suspended_until_s <= now:
+                state.suspended_until_s = None
+                if not state.draining and not self.stopping:
+                    self._arm(state)
+                self.log.event("resume", service=state.service.name)
+
+    # -- PROXY protocol headers ---------------------------------------------------
+
+    def _await_proxy_header(self, service: Service, listener: Listener, conn: socket.socket,
+                            remote: tuple[str, int], now: float) -> None:
+        """Watch a new connection until its PROXY header arrives (or its time is up)."""
+        assert service.proxy is not None
+        balancer = Peer.of(conn, "tcp", remote)
+        if not service.proxy.trusted.permits_ip(remote[0]):
+            conn.close()
+            self._refuse(service, balancer, "proxy", msg="not a trusted load balancer")
+            return
+        if len(self.proxy_waits) >= MAX_PROXY_WAITS:
+            conn.close()
+            self._refuse(service, balancer, "proxy", msg="too many headers pending")
+            return
+        conn.setblocking(False)
+        wait = ProxyWait(conn, remote, listener, now + service.proxy.timeout_s)
+        self.proxy_waits.add(wait)
+        self.selector.register(conn, selectors.EVENT_READ, wait)
+
+    def _proxy_header(self, wait: ProxyWait) -> None:
+        assert isinstance(wait.listener, Listener)
+        state = self.services.get(wait.listener.service)
+        try:
+            header = wait.read()
+        except ProxyError as e:
+            self._end_proxy_wait(wait, f"bad PROXY header: {e}")
+            return
+        if header is None:
+            return
+        if state is None or self.stopping:
+            self._end_proxy_wait(wait, "service gone")
+            return
+        self.proxy_waits.discard(wait)
+        self.selector.unregister(wait.conn)
+        with wait.conn as conn:
+            conn.setblocking(True)
+            local = conn.getsockname()[:2]
+            peer = Peer("tcp", remote=header.source or wait.remote,
+                        local=header.dest or (local[0], local[1]))
+            self._admit(state.service, wait.listener, conn, peer, peer.remote)
+
+    def _end_proxy_wait(self, wait: ProxyWait, why: str) -> None:
+        """Refuse a connection whose PROXY header is bad, late or never came."""
+        assert isinstance(wait.listener, Listener)
+        self.proxy_waits.discard(wait)
+        if wait.conn in self.selector.get_map():
+            self.selector.unregister(wait.conn)
+        balancer = Peer("tcp", remote=wait.remote)
+        wait.conn.close()
+        state = self.services.get(wait.listener.service)
+        if state is not None:
+            self._refuse(state.service, balancer, "proxy", msg=why)
+
+    def _expire_proxy_waits(self) -> None:
+        now = time.monotonic()
+        for wait in [w for w in self.proxy_waits if w.deadline_s <= now]:
+            self._end_proxy_wait(wait, "no PROXY header in time")
 
     def hand_over(self, listener: Listener, service: Service) -> None:
         """Wait mode: the child gets the listening socket itself until it exits."""
@@ -412,11 +560,12 @@ class Supervisor:
             self.selector.register(listener.sock, selectors.EVENT_READ, listener)
 
     def _start(self, service: Service, listener: Listener, conn: socket.socket, peer: Peer,
-               remote: object) -> bool:
+               remote: object, counted: bool = False, source: str | None = None) -> bool:
         """Start the child for one connection (or wait-mode socket); False if it failed.
 
-        A spawner starts its program asynchronously: the child is recorded when the
-        spawner reports its pid (_spawner_events).
+        `counted` says the connection was admitted under the service's limits (as
+        `source`), to be uncounted when its child ends. A spawner starts its program
+        asynchronously: the child is recorded when it reports the pid (_spawned).
         """
         state = self.services[service.name]
         identity = service.identity
@@ -429,8 +578,9 @@ class Supervisor:
                     self.next_token += 1
                     spawner.request(self.next_token, service.argv, env, conn.fileno(),
                                     stderr_fd or self.devnull)
-                    self.pending[self.next_token] = Pending(service.name, listener, peer,
-                                                            spawner, time.monotonic())
+                    self.pending[self.next_token] = Pending(
+                        service.name, listener, peer, spawner, time.monotonic(), counted,
+                        source)
                     return True
                 pid = spawn_exec(service.argv, env, conn.fileno(), stderr_fd or self.devnull)
             else:
@@ -440,16 +590,18 @@ class Supervisor:
         except OSError as e:
             self.log.event("error", "err", service=service.name, msg=f"cannot start child: {e}")
             return False
-        self._started(pid, service, listener, peer, time.monotonic(), None)
+        child = Child(pid, service.name, time.monotonic(), counted=counted, source=source)
+        self._started(child, service, listener, peer)
         return True
 
-    def _started(self, pid: int, service: Service, listener: Listener, peer: Peer,
-                 started_s: float, spawner: Spawner | None) -> None:
+    def _started(self, child: Child, service: Service, listener: Listener,
+                 peer: Peer) -> None:
         waits = service.waits(listener.address)
-        child = Child(pid, service.name, started_s, listener if waits else None, spawner)
+        pid = child.pid
+        child.listener = listener if waits else None
         self.children[pid] = child
         if service.max_duration_s is not None:
-            self._expire_at(started_s + service.max_duration_s, child, signal.SIGTERM)
+            self._expire_at(child.started_s + service.max_duration_s, child, signal.SIGTERM)
         state = self.services[service.name]
         state.children.add(pid)
         state.accepted += 1
@@ -486,12 +638,22 @@ class Supervisor:
             return
         state = self.services.get(pending.service)
         if "pid" in event and state is not None:
-            self._started(int(event["pid"]), state.service, pending.listener, pending.peer,
-                          pending.asked_s, pending.spawner)
+            child = Child(int(event["pid"]), pending.service, pending.asked_s,
+                          spawner=pending.spawner, counted=pending.counted,
+                          source=pending.source)
+            self._started(child, state.service, pending.listener, pending.peer)
             return
         self.log.event("error", "err", service=pending.service,
                        msg=f"cannot start child: {event.get('error', 'service gone')}")
-        self._rearm(pending.listener)
+        self._unpend(pending)
+
+    def _unpend(self, pending: Pending) -> None:
+        """A connection handed to a spawner got no child: free what it held."""
+        state = self.services.get(pending.service)
+        if state is not None and pending.counted:
+            state.counters.ended(pending.source)
+        if pending.listener.busy:
+            self._rearm(pending.listener)
 
     def _drop_spawner(self, spawner: Spawner) -> None:
         """A spawner went away: fail what it had not started yet."""
@@ -503,7 +665,7 @@ class Supervisor:
         for token, pending in list(self.pending.items()):
             if pending.spawner is spawner:
                 del self.pending[token]
-                self._rearm(pending.listener)
+                self._unpend(pending)
 
     def _log_accept(self, service: Service, listener: Listener, peer: Peer, pid: int,
                     waits: bool) -> None:
@@ -581,6 +743,8 @@ class Supervisor:
         if child.listener is not None:
             self._rearm(child.listener)
         state = self.services.get(child.service)
+        if state is not None and child.counted:
+            state.counters.ended(child.source)
         if state is not None and child.worker_of == state.generation:
             self._worker_lost(state, child)
         if state is not None:
@@ -797,6 +961,13 @@ def _signal_group(pid: int, sig: int) -> None:
             os.kill(pid, sig)
         except ProcessLookupError:
             pass
+
+
+def _policy_peer(peer: Peer) -> str | UnixPeer:
+    """Who a connection is from, as the access and limits policy sees it."""
+    if peer.remote is not None:
+        return peer.remote[0]
+    return UnixPeer(peer.uid, peer.gid)
 
 
 def _note_signal(signum: int, frame: object) -> None:

@@ -11,6 +11,8 @@ import socket
 from dataclasses import dataclass, field
 from typing import Literal
 
+from netd.policy import AccessList, Limits
+
 Scheme = Literal["tcp", "udp", "unix", "unix-dgram"]
 HandlerKind = Literal["builtin", "exec", "python"]
 
@@ -89,6 +91,14 @@ class SocketFile:
 
 
 @dataclass(frozen=True)
+class ProxyProtocol:
+    """PROXY protocol (v1 or v2) headers, taken only from the `trusted` load balancers."""
+
+    trusted: AccessList
+    timeout_s: float = 5.0
+
+
+@dataclass(frozen=True)
 class Service:
     """One configured service: where it listens and what serves each connection."""
 
@@ -108,6 +118,9 @@ class Service:
     threads: int = 16
     max_duration_s: float | None = None
     socket_file: SocketFile = SocketFile()
+    access: AccessList = AccessList()
+    limits: Limits = Limits()
+    proxy: ProxyProtocol | None = None
 
     def mode(self, address: Address) -> Literal["nowait", "wait", "inline", "workers"]:
         """How connections on `address` are served.
@@ -164,6 +177,7 @@ class DaemonConfig:
     pidfile: str
     control: str
     stop_timeout_s: float = 10.0
+    max_children: int | None = None
 
     @classmethod
     def default(cls) -> DaemonConfig:

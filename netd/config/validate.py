@@ -29,24 +29,30 @@ from netd.config.model import (
     DaemonConfig,
     Identity,
     LogConfig,
+    ProxyProtocol,
     Service,
     SocketFile,
 )
 from netd.config.yamlsource import Mapping, Sequence, Where, YamlError, load_file
 from netd.handlers.builtins import BUILTINS
+from netd.policy import AccessError, AccessList, Limits, parse_rate
 
 FACILITIES = ("kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp",
               "cron", "authpriv", "ftp", "local0", "local1", "local2", "local3", "local4",
               "local5", "local6", "local7")
 LEVELS = ("debug", "info", "notice", "warning", "err", "crit", "alert", "emerg")
 TOP_KEYS = ("log", "daemon", "include", "defaults", "services")
-DAEMON_KEYS = ("pidfile", "control", "stop_timeout")
+DAEMON_KEYS = ("pidfile", "control", "stop_timeout", "max_children")
+ACCESS_KEYS = ("allow", "deny")
+LIMIT_KEYS = ("instances", "per_source", "rate", "rate_pause")
+PROXY_KEYS = ("from", "timeout")
 LOG_KEYS = ("to", "syslog_address", "facility", "level")
 HANDLER_KEYS = ("builtin", "exec", "python")
 IDENTITY_KEYS = ("user", "group", "groups", "umask", "cwd", "chroot", "nice", "rlimits")
 DEFAULTABLE_KEYS = ("wait", "env", "stderr", "timeout", "max_duration", "backlog",
-                    *IDENTITY_KEYS)
-SERVICE_KEYS = ("listen", *HANDLER_KEYS, "workers", "threads", "socket", *DEFAULTABLE_KEYS)
+                    "access", "limits", *IDENTITY_KEYS)
+SERVICE_KEYS = ("listen", *HANDLER_KEYS, "workers", "threads", "socket", "proxy_protocol",
+                *DEFAULTABLE_KEYS)
 SOCKET_KEYS = ("user", "group", "mode")
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -177,9 +183,10 @@ def _daemon_config(root: Mapping, path: str, errors: _Errors) -> DaemonConfig:
         value = _get(section, key, str, f"daemon.{key}", errors, "a file path")
         files[key] = os.path.join(base, value) if value else getattr(default, key)
     stop_timeout_s = _duration_setting("stop_timeout", section, section, "daemon.", errors)
+    max_children = _count(section, "max_children", 1, 1_000_000, "daemon.", errors)
     return DaemonConfig(pidfile=files["pidfile"], control=files["control"],
                         stop_timeout_s=default.stop_timeout_s if stop_timeout_s is None
-                        else stop_timeout_s)
+                        else stop_timeout_s, max_children=max_children)
 
 
 def _service_sources(root: Mapping, path: str, errors: _Errors) -> dict[str, tuple[Mapping, Where]]:
@@ -278,6 +285,12 @@ def _service(name: str, body: Mapping, where: Where, defaults: Mapping,
     timeout_s = _duration_setting("timeout", body, defaults, prefix, errors)
     max_duration_s = _duration_setting("max_duration", body, defaults, prefix, errors)
     socket_file = _socket_file(body, prefix, errors)
+    access = _access(*_setting_source("access", body, defaults, prefix), errors)
+    limits = _limits(*_setting_source("limits", body, defaults, prefix), errors)
+    proxy = _proxy(body, prefix, errors)
+    if proxy is not None and listen and not all(a.scheme == "tcp" for a in listen):
+        errors.add(body.key_where["proxy_protocol"], prefix + "proxy_protocol",
+                   "is for tcp:// addresses only")
     backlog, source = setting("backlog", int, "a number of connections")
     if backlog is not None and not 1 <= backlog <= 65535:
         errors.add(source.key_where["backlog"], prefix + "backlog", "must be 1-65535")
@@ -291,8 +304,100 @@ def _service(name: str, body: Mapping, where: Where, defaults: Mapping,
         timeout_s=300.0 if timeout_s is None else timeout_s,
         backlog=backlog or 128, identity=identity, workers=workers or 0,
         threads=threads or 16, max_duration_s=max_duration_s or None,
-        socket_file=socket_file,
+        socket_file=socket_file, access=access, limits=limits, proxy=proxy,
     )
+
+def _setting_source(key: str, body: Mapping, defaults: Mapping,
+                    prefix: str) -> tuple[Mapping, str, str]:
+    """Where a defaultable setting comes from: (the mapping holding it, key, its label)."""
+    if key in body:
+        return body, key, prefix + key
+    return defaults, key, "defaults." + key
+
+
+def _subsection(source: Mapping, key: str, label: str, allowed: tuple[str, ...],
+                errors: _Errors) -> Mapping | None:
+    value = source.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        errors.add(source.key_where[key], label, f"expected a mapping, got {_kind(value)}")
+        return None
+    _check_keys(value, allowed, label + ".", errors)
+    return value
+
+
+def _address_list(section: Mapping, key: str, label: str, errors: _Errors) -> list[str]:
+    value = section.get(key, [])
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(v, (str, int)) for v in value):
+        errors.add(section.key_where[key], f"{label}.{key}",
+                   "expected a list of addresses or networks")
+        return []
+    return [str(v) for v in value]
+
+
+def _access(source: Mapping, key: str, label: str, errors: _Errors) -> AccessList:
+    section = _subsection(source, key, label, ACCESS_KEYS, errors)
+    if section is None:
+        return AccessList()
+    lists = {k: _address_list(section, k, label, errors) for k in ACCESS_KEYS}
+    try:
+        return AccessList.parse(lists["allow"], lists["deny"])
+    except AccessError as e:
+        for side, index, message in e.problems:
+            items = section[side]
+            where = items.item_where[index] if isinstance(items, Sequence) \
+                else section.key_where[side]
+            errors.add(where, f"{label}.{side}[{index}]", message)
+        return AccessList()
+
+
+def _limits(source: Mapping, key: str, label: str, errors: _Errors) -> Limits:
+    section = _subsection(source, key, label, LIMIT_KEYS, errors)
+    if section is None:
+        return Limits()
+    rate = None
+    if "rate" in section:
+        try:
+            rate = parse_rate(str(section["rate"]))
+        except ValueError as e:
+            errors.add(section.key_where["rate"], f"{label}.rate", str(e))
+    pause_s = _duration_setting("rate_pause", section, section, label + ".", errors)
+    return Limits(instances=_count(section, "instances", 1, 1_000_000, label + ".", errors),
+                  per_source=_count(section, "per_source", 1, 1_000_000, label + ".", errors),
+                  rate=rate, rate_pause_s=10.0 if pause_s is None else pause_s)
+
+
+def _proxy(body: Mapping, prefix: str, errors: _Errors) -> ProxyProtocol | None:
+    """`proxy_protocol: {from: [load balancers], timeout: 5s}`; `true` alone is refused,
+    since a header from just anyone would let a client forge its own address."""
+    label = prefix + "proxy_protocol"
+    value = body.get("proxy_protocol")
+    if value is None or value is False:
+        return None
+    if not isinstance(value, Mapping) or "from" not in value:
+        where = body.key_where["proxy_protocol"]
+        errors.add(where, label, "name the load balancers allowed to send headers: "
+                   "proxy_protocol: {from: [10.0.0.5, 10.0.1.0/24]}")
+        return None
+    section = _subsection(body, "proxy_protocol", label, PROXY_KEYS, errors)
+    assert section is not None
+    addresses = _address_list(section, "from", label, errors)
+    if not addresses:
+        errors.add(section.key_where["from"], label + ".from",
+                   "name at least one load balancer address or network")
+        return None
+    try:
+        trusted = AccessList.parse(addresses, [])
+    except AccessError as e:
+        for _, index, message in e.problems:
+            errors.add(section.key_where["from"], f"{label}.from[{index}]", message)
+        return None
+    timeout_s = _duration_setting("timeout", section, section, label + ".", errors)
+    return ProxyProtocol(trusted=trusted, timeout_s=5.0 if timeout_s is None else timeout_s)
+
 
 def _socket_file(body: Mapping, prefix: str, errors: _Errors) -> SocketFile:
     section = body.get("socket")

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from netd import __version__
-from netd.config import Config, ConfigError, load_config
+from netd.config import Config, ConfigError, load_config, load_daemon_config
 from netd.control import NotRunning, request
 from netd.daemon import AlreadyRunning, Pidfile, start_detached
 from netd.logs import open_log
@@ -158,20 +158,15 @@ def serve(config: Config, passed: dict[int, str], report: Report) -> int:
 
 
 def _ask(args: argparse.Namespace, command: str, timeout_s: float = 30.0) -> dict[str, Any]:
-    config = _load(args.config)
-    if config is None:
-        raise SystemExit(EX_CONFIG)
-    return request(config.daemon.control, command, timeout_s)
+    return request(load_daemon_config(args.config).control, command, timeout_s)
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
     """Ask the daemon to stop, and wait until it has exited."""
-    config = _load(args.config)
-    if config is None:
-        return EX_CONFIG
-    timeout_s = args.timeout if args.timeout is not None else config.daemon.stop_timeout_s + 5
+    daemon = load_daemon_config(args.config)
+    timeout_s = args.timeout if args.timeout is not None else daemon.stop_timeout_s + 5
     try:
-        pid = int(request(config.daemon.control, "stop")["pid"])
+        pid = int(request(daemon.control, "stop")["pid"])
     except NotRunning as e:
         print(f"netd: {e}", file=sys.stderr)
         return 1

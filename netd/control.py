@@ -11,11 +11,13 @@ import json
 import os
 import socket
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 MAX_REQUEST = 4096
 COMMANDS = ("status", "reload", "stop")
-READ_TIMEOUT_S = 1.0
+READ_TIMEOUT_S = 2.0
+MAX_PENDING = 16
 
 
 class NotRunning(Exception):
@@ -33,32 +35,50 @@ def peer_uid(conn: socket.socket) -> int:
     return uid
 
 
-def read_request(conn: socket.socket) -> str:
-    """The command a control client asks for; raises BadRequest (or OSError)."""
-    if peer_uid(conn) not in (0, os.geteuid()):
-        raise BadRequest("permission denied")
-    conn.settimeout(READ_TIMEOUT_S)
-    data = b""
-    while b"\n" not in data:
-        chunk = conn.recv(MAX_REQUEST + 1 - len(data))
-        if not chunk:
-            break
-        data += chunk
-        if len(data) > MAX_REQUEST:
+@dataclass(eq=False)
+class ControlRequest:
+    """A control connection whose request line is still arriving (read without blocking,
+    so a client that never sends costs one fd until `deadline_s`, never the loop)."""
+
+    conn: socket.socket
+    deadline_s: float
+    data: bytes = b""
+
+    @classmethod
+    def accept(cls, conn: socket.socket, now_s: float) -> ControlRequest:
+        """Take a new control connection; raises BadRequest for another user."""
+        if peer_uid(conn) not in (0, os.geteuid()):
+            raise BadRequest("permission denied")
+        conn.setblocking(False)
+        return cls(conn, now_s + READ_TIMEOUT_S)
+
+    def read(self) -> str | None:
+        """The command once its line is complete, None while it is not; raises BadRequest."""
+        try:
+            chunk = self.conn.recv(MAX_REQUEST + 1 - len(self.data))
+        except BlockingIOError:
+            return None
+        except OSError as e:
+            raise BadRequest(f"connection failed: {e.strerror}") from None
+        self.data += chunk
+        if len(self.data) > MAX_REQUEST:
             raise BadRequest(f"request longer than {MAX_REQUEST} bytes")
-    try:
-        request = json.loads(data.split(b"\n", 1)[0])
-    except (ValueError, UnicodeDecodeError):
-        raise BadRequest("request is not a JSON line") from None
-    command = request.get("cmd") if isinstance(request, dict) else None
-    if command not in COMMANDS:
-        raise BadRequest(f"unknown command (expected one of {', '.join(COMMANDS)})")
-    return str(command)
+        if chunk and b"\n" not in self.data:
+            return None
+        try:
+            request = json.loads(self.data.split(b"\n", 1)[0])
+        except (ValueError, UnicodeDecodeError):
+            raise BadRequest("request is not a JSON line") from None
+        command = request.get("cmd") if isinstance(request, dict) else None
+        if command not in COMMANDS:
+            raise BadRequest(f"unknown command (expected one of {', '.join(COMMANDS)})")
+        return str(command)
 
 
 def send_reply(conn: socket.socket, reply: dict[str, Any]) -> None:
     """Write one JSON reply line; a client that went away is not an error."""
     try:
+        conn.settimeout(READ_TIMEOUT_S)
         conn.sendall(json.dumps(reply).encode() + b"\n")
     except OSError:
         pass

@@ -25,7 +25,7 @@ from typing import Any
 from netd import __version__
 from netd.config import Address, Config, ConfigError, Service, load_config
 from netd.config.model import Identity
-from netd.control import BadRequest, read_request, send_reply
+from netd.control import MAX_PENDING, BadRequest, ControlRequest, send_reply
 from netd.handlers.builtins import BUILTINS
 from netd.handlers.python import load_handler
 from netd.logs import Log
@@ -148,6 +148,7 @@ class Supervisor:
         self.expiries: list[tuple[float, int, Child, signal.Signals]] = []
         self.expiry_order = itertools.count()
         self.proxy_waits: set[ProxyWait] = set()
+        self.control_requests: set[ControlRequest] = set()
         self.pending: dict[int, Pending] = {}
         self.next_token = 0
         # Programs a dead spawner leaves behind become our children, so that they
@@ -334,6 +335,7 @@ class Supervisor:
             self._expire_children()
             self._resume_due_services()
             self._expire_proxy_waits()
+            self._expire_control_requests()
             if ping_s is not None:
                 self.notifier.watchdog()
             if self.stopping and deadline_s is None:
@@ -361,6 +363,8 @@ class Supervisor:
                    if s.suspended_until_s is not None)
         if self.proxy_waits:
             due.append(min(wait.deadline_s for wait in self.proxy_waits))
+        if self.control_requests:
+            due.append(min(request.deadline_s for request in self.control_requests))
         return due
 
     def _dispatch(self, target: object) -> None:
@@ -382,7 +386,9 @@ class Supervisor:
         elif isinstance(target, ProxyWait):
             self._proxy_header(target)
         elif target == "control":
-            self._serve_control()
+            self._accept_control()
+        elif isinstance(target, ControlRequest):
+            self._serve_control(target)
         elif target == "log":
             self.log.flush()
 
@@ -866,19 +872,34 @@ class Supervisor:
 
     # -- the control socket -------------------------------------------------------
 
-    def _serve_control(self) -> None:
+    def _accept_control(self) -> None:
         assert self.control is not None
         try:
             conn, _ = self.control.accept()
         except OSError:
             return
-        with conn:
-            try:
-                command = read_request(conn)
-            except (BadRequest, OSError) as e:
-                self.log.event("control", "warning", result="refused", reason=str(e))
+        try:
+            if len(self.control_requests) >= MAX_PENDING:
+                raise BadRequest("too many control requests at once")
+            request = ControlRequest.accept(conn, time.monotonic())
+        except (BadRequest, OSError) as e:
+            self.log.event("control", "warning", result="refused", reason=str(e))
+            with conn:
                 send_reply(conn, {"ok": False, "error": str(e)})
-                return
+            return
+        self.control_requests.add(request)
+        self.selector.register(conn, selectors.EVENT_READ, request)
+
+    def _serve_control(self, request: ControlRequest) -> None:
+        try:
+            command = request.read()
+        except BadRequest as e:
+            self._end_control(request, str(e))
+            return
+        if command is None:
+            return
+        self._end_control(request, None)
+        with request.conn as conn:
             if command == "status":
                 send_reply(conn, {"ok": True, **self.status()})
             elif command == "reload":
@@ -886,6 +907,21 @@ class Supervisor:
             else:
                 send_reply(conn, {"ok": True, "pid": os.getpid()})
                 self.stop("control")
+
+    def _end_control(self, request: ControlRequest, refused: str | None) -> None:
+        """Stop watching a control connection; refuse it (and close it) if `refused`."""
+        self.control_requests.discard(request)
+        if request.conn in self.selector.get_map():
+            self.selector.unregister(request.conn)
+        if refused is not None:
+            self.log.event("control", "warning", result="refused", reason=refused)
+            with request.conn:
+                send_reply(request.conn, {"ok": False, "error": refused})
+
+    def _expire_control_requests(self) -> None:
+        now = time.monotonic()
+        for request in [r for r in self.control_requests if r.deadline_s <= now]:
+            self._end_control(request, "no complete request in time")
 
     def status(self) -> dict[str, Any]:
         """What `netd status` shows: the daemon, then every service with its counters."""
@@ -920,6 +956,10 @@ class Supervisor:
             for lst in state.listeners:
                 self._close_listener(lst)
             state.listeners = []
+        for request in list(self.control_requests):
+            self._end_control(request, "netd is stopping")
+        for wait in list(self.proxy_waits):
+            self._end_proxy_wait(wait, "netd is stopping")
         if self.control is not None:
             if self.control in self.selector.get_map():
                 self.selector.unregister(self.control)

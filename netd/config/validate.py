@@ -94,6 +94,16 @@ def load_config(path: str) -> Config:
         raise ConfigError(errors.items)
     return Config(path=path, log=log, daemon=daemon, services=tuple(services))
 
+def load_daemon_config(path: str) -> DaemonConfig:
+    """Only the `daemon:` section (where the running netd's control socket is), so that
+    `netd stop`, `status` and `reload` work while the rest of the file is broken."""
+    path = os.path.abspath(path)
+    root = _load_mapping(path, _Errors([]))
+    if root is None:
+        return DaemonConfig.default()
+    return _daemon_config(root, path, _Errors([]))
+
+
 def _load_mapping(path: str, errors: _Errors) -> Mapping | None:
     try:
         value = load_file(path)

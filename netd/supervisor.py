@@ -161,6 +161,13 @@ class Supervisor:
         """Bind (or adopt) every service's sockets and the control socket; raises
         OSError with nothing left bound when one fails."""
         self.log.event("start", version=__version__, pid=os.getpid(), config=self.config.path)
+        # Before anyone is told we are ready: a SIGHUP or SIGTERM right after must wait
+        # in the wake-up socket for the loop, not kill us with its default action.
+        self.wakeup_r.setblocking(False)
+        self.wakeup_w.setblocking(False)
+        signal.set_wakeup_fd(self.wakeup_w.fileno(), warn_on_full_buffer=False)
+        for sig in HANDLED_SIGNALS:
+            signal.signal(sig, _note_signal)
         try:
             self.apply(self.config)
             self.control = bind(Address(spec="control", scheme="unix",
@@ -314,11 +321,6 @@ class Supervisor:
 
     def run(self) -> int:
         """Serve until SIGTERM or SIGINT, then stop gracefully; returns the exit code."""
-        self.wakeup_r.setblocking(False)
-        self.wakeup_w.setblocking(False)
-        signal.set_wakeup_fd(self.wakeup_w.fileno(), warn_on_full_buffer=False)
-        for sig in HANDLED_SIGNALS:
-            signal.signal(sig, _note_signal)
         self.selector.register(self.wakeup_r, selectors.EVENT_READ, None)
         ping_s = self.notifier.watchdog_interval_s
         deadline_s: float | None = None

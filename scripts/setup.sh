@@ -9,7 +9,9 @@ want_tests=no
 [ "${1:-}" = "--test" ] && want_tests=yes
 
 packages=(libsystemd-dev pkg-config gcc python3-dev python3-venv)
-[ "$want_tests" = yes ] && packages+=(rsync tftpd-hpa tftp-hpa git socat)
+# The real programs the tests drive: inetd-style servers and their clients, HAProxy
+# for the PROXY protocol, systemd's socket-activate and analyze tools.
+[ "$want_tests" = yes ] && packages+=(rsync tftpd-hpa tftp-hpa git socat haproxy systemd)
 
 missing=()
 for p in "${packages[@]}"; do
@@ -20,8 +22,15 @@ if [ ${#missing[@]} -gt 0 ]; then
     [ "$(id -u)" -ne 0 ] && sudo="sudo"
     echo "setup: installing Debian packages: ${missing[*]}" >&2
     $sudo apt-get update -q >&2
-    # policy-rc.d keeps packaged daemons (tftpd-hpa) from being started by the install.
+    # A policy-rc.d that says no keeps the packaged daemons (tftpd-hpa, haproxy) from
+    # being started by their install: the tests run their own, on their own ports.
+    made_policy=no
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        $sudo sh -c 'printf "#!/bin/sh\nexit 101\n" >/usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d'
+        made_policy=yes
+    fi
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${missing[@]}" >&2
+    [ "$made_policy" = yes ] && $sudo rm -f /usr/sbin/policy-rc.d
 fi
 
 # netd refuses config files others than their owner may write: a umask of 002 (the

@@ -30,7 +30,7 @@ if [ ${#missing[@]} -gt 0 ]; then
         made_policy=yes
     fi
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${missing[@]}" >&2
-    [ "$made_policy" = yes ] && $sudo rm -f /usr/sbin/policy-rc.d
+    if [ "$made_policy" = yes ]; then $sudo rm -f /usr/sbin/policy-rc.d; fi
 fi
 
 # netd refuses config files others than their owner may write: a umask of 002 (the

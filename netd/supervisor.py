@@ -849,15 +849,17 @@ class Supervisor:
 
     # -- exec children's stderr ---------------------------------------------------
 
-    def _read_stderr(self, state: ServiceState) -> None:
+    def _read_stderr(self, state: ServiceState, final: bool = False) -> None:
+        """Log the complete lines waiting in a service's stderr pipe; with `final`, the
+        unfinished last one too."""
         assert state.stderr_r is not None
         try:
             data = os.read(state.stderr_r, 65536)
         except BlockingIOError:
-            return
+            data = b""
         lines = (state.stderr_partial + data).split(b"\n")
         state.stderr_partial = lines.pop()
-        if len(state.stderr_partial) > STDERR_LINE_MAX:
+        if final or len(state.stderr_partial) > STDERR_LINE_MAX:
             lines.append(state.stderr_partial)
             state.stderr_partial = b""
         for line in lines:
@@ -867,10 +869,7 @@ class Supervisor:
 
     def _drain_stderr(self, state: ServiceState) -> None:
         if state.stderr_r is not None:
-            self._read_stderr(state)
-            if state.stderr_partial:
-                state.stderr_partial += b"\n"
-                self._read_stderr(state)
+            self._read_stderr(state, final=True)
 
     # -- the control socket -------------------------------------------------------
 

@@ -19,19 +19,19 @@ import selectors
 import signal
 import socket
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 from netd import __version__
 from netd.config import Address, Config, ConfigError, Service, load_config
 from netd.config.model import Identity
 from netd.control import MAX_PENDING, BadRequest, ControlRequest, send_reply
+from netd.handlers import serve_connection
 from netd.handlers.builtins import BUILTINS
-from netd.handlers.python import load_handler
 from netd.logs import Log
-from netd.policy import Counters, RateWindow, Refuse, UnixPeer, check_rate, decide, source_key
+from netd.policy import RateWindow, Refuse, UnixPeer, check_rate, decide, source_key
 from netd.proxy import ProxyError
 from netd.proxywait import ProxyWait
+from netd.runtime import Child, Listener, Pending, ServiceState
 from netd.sockets import bind, describe, remove_unix, set_file_owner
 from netd.spawn import Peer, Spawner, exec_env, fork_child, spawn_exec
 from netd.systemd import Notifier, adopt
@@ -48,77 +48,6 @@ KILL_GRACE_S = 5.0          # after max_duration's SIGTERM, SIGKILL
 WORKER_BACKOFF_S = 0.1      # first restart delay; doubles while workers keep dying young
 WORKER_BACKOFF_MAX_S = 30.0
 WORKER_STABLE_S = 10.0      # a worker that lived this long resets the back-off
-
-
-@dataclass(eq=False)
-class Listener:
-    """One bound socket; in wait mode it is `busy` while a child holds it."""
-
-    service: str
-    address: Address
-    sock: socket.socket
-    local: str
-    adopted: bool = False
-    busy: bool = False
-
-
-@dataclass
-class Child:
-    """A running child and what it serves."""
-
-    pid: int
-    service: str
-    started_s: float
-    listener: Listener | None = None
-    spawner: Spawner | None = None
-    worker_of: int | None = None  # the service generation a prefork worker serves
-    counted: bool = False  # counted in its service's Counters (under `source`)
-    source: str | None = None
-
-
-@dataclass
-class Pending:
-    """A connection handed to a spawner, until it says which pid serves it."""
-
-    service: str
-    listener: Listener
-    peer: Peer
-    spawner: Spawner
-    asked_s: float
-    counted: bool
-    source: str | None
-
-
-@dataclass(eq=False)
-class ServiceState:
-    """A service at run time: its sockets, children and counters; it outlives a reload
-    that removes it until its last child has exited (draining)."""
-
-    service: Service
-    listeners: list[Listener] = field(default_factory=list)
-    children: set[int] = field(default_factory=set)
-    accepted: int = 0
-    refused: int = 0
-    draining: bool = False
-    generation: int = 0
-    worker_failures: int = 0
-    counters: Counters = field(default_factory=Counters)
-    window: RateWindow | None = None
-    suspended_until_s: float | None = None
-    stderr_r: int | None = None
-    stderr_w: int | None = None
-    stderr_partial: bytes = b""
-
-    def state(self) -> str:
-        """listening, busy (every socket held by a wait-mode child), suspended (over
-        its rate), or draining."""
-        if self.draining:
-            return "draining"
-        if self.suspended_until_s is not None:
-            return "suspended"
-        if self.listeners and all(lst.busy for lst in self.listeners):
-            return "busy"
-        return "listening"
 
 
 class Supervisor:
@@ -592,7 +521,7 @@ class Supervisor:
                     return True
                 pid = spawn_exec(service.argv, env, conn.fileno(), stderr_fd or self.devnull)
             else:
-                pid = fork_child(lambda: _serve(service, conn, remote),
+                pid = fork_child(lambda: serve_connection(service, conn, remote),
                                  [conn.fileno(), *self.log.fds()], self.log, service.name,
                                  identity)
         except OSError as e:
@@ -1018,17 +947,6 @@ def _note_signal(signum: int, frame: object) -> None:
 def _reflection_risk(remote: tuple[str, int]) -> bool:
     """Never answer port 0 or another small-services port: that is how UDP loops start."""
     return remote[1] in (0, 7, 9, 13, 19, 37)
-
-
-def _serve(service: Service, conn: socket.socket, remote: object) -> None:
-    """In the child: run the service's builtin or python handler on `conn`."""
-    conn.settimeout(service.timeout_s)
-    if service.kind == "builtin":
-        assert service.builtin is not None
-        BUILTINS[service.builtin].stream(conn)
-    else:
-        assert service.python is not None
-        load_handler(service.python)(conn, remote)
 
 
 def _become_subreaper() -> None:

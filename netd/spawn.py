@@ -1,16 +1,16 @@
 """Starting children: every fork and exec of netd lives here.
 
-Three ways, chosen by what the child runs and as whom:
-- an exec service that runs as the supervisor's own user is started with posix_spawn
-  (vfork + exec in the C library) straight from the supervisor: the supervisor is
-  never copied, so the rate does not fall as it grows;
-- an exec service with another identity (user, groups, rlimits, chroot, ...) goes
-  through a Spawner: a small process forked once per identity, which takes that
-  identity for good and then posix_spawns each program it is handed. CPython falls
-  back to a slow full fork as soon as a spawn must change user; this way nothing
-  changes identity per connection and the supervisor still never forks per
-  connection. The supervisor hands it the connection's fd over a Unix socket
-  (SCM_RIGHTS) and it reports each program's pid and exit status back;
+Two ways, chosen by what the child runs:
+- exec services go through a Spawner: a small process forked once per identity
+  (user, groups, rlimits, umask, cwd, chroot), which takes that identity for good and
+  then starts each program it is handed with posix_spawn (vfork + exec in the C
+  library). Forking the Python supervisor per connection runs about 1,000/s and slows
+  as the supervisor grows, and CPython falls back to that slow full fork as soon as a
+  spawn must change user; this way nothing changes identity per connection, the
+  supervisor never forks per connection, and the spawn itself runs beside the
+  supervisor's loop on another core. The supervisor hands the spawner the
+  connection's fd over a Unix socket (SCM_RIGHTS); the spawner reports each
+  program's pid and exit status back, so limits and event=exit stay exact;
 - builtin and python services need the supervisor's code, so they fork; the child
   resets signals, closes every fd but its connection and the log, takes the
   service's identity, and never returns into the supervisor's loop (os._exit).

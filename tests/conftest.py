@@ -14,8 +14,8 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
@@ -99,7 +99,7 @@ class SyslogSink:
         while not self._stop:
             try:
                 data = self.sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except OSError:
                 return
@@ -191,7 +191,8 @@ def sink(tmp_path: Path) -> Iterator[SyslogSink]:
     s.close()
 
 
-def write_config(tmp_path: Path, body: str, sink: SyslogSink | None, name: str = "netd.yaml") -> Path:
+def write_config(tmp_path: Path, body: str, sink: SyslogSink | None,
+                 name: str = "netd.yaml") -> Path:
     """Write `body` (a YAML services/... document) with a log section pointing at `sink`."""
     text = textwrap.dedent(body)
     if sink is not None and "log:" not in text:
@@ -217,12 +218,11 @@ def start_netd(tmp_path: Path, sink: SyslogSink) -> Iterator[Callable[..., Netd]
         if ready:
             try:
                 n.wait_ready()
-            except AssertionError:
-                n.kill()
-                out, err = n.proc.stdout, n.proc.stderr
-                raise AssertionError(
-                    f"netd did not get ready; stderr: {err.read().decode() if err else ''}"
-                ) from None
+            except AssertionError as e:
+                n.proc.kill()
+                _, err = n.proc.communicate(timeout=WAIT_S)
+                raise AssertionError(f"netd did not get ready: {e}\nstderr: {err.decode()}"
+                                     ) from None
         return n
 
     yield start

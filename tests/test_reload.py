@@ -193,7 +193,7 @@ services:
     builtin: echo
 """)
         # This attempt's event=ready, not an earlier netd's in the same sink.
-        wait_until(lambda: len(sink.find(event="ready")) > attempt, "this netd's ready")
+        wait_until(lambda n=attempt + 1: len(sink.find(event="ready")) >= n, "this netd's ready")
         netd.proc.send_signal(signal.SIGHUP)  # right after event=ready
         wait_until(reloaded_or_dead(netd, sink, attempt + 1), "a reload (or netd's death)")
         assert netd.proc.poll() is None, f"netd died of SIGHUP (exit {netd.proc.returncode})"

@@ -24,7 +24,8 @@ from netd.sockets import BindError
 from netd.supervisor import Supervisor
 from netd.systemd import Notifier, passed_sockets
 
-EX_OK, EX_NOT_RUNNING, EX_USAGE, EX_UNAVAILABLE, EX_OSERR, EX_CONFIG = 0, 3, 64, 69, 71, 78
+EX_OK, EX_NOT_RUNNING, EX_USAGE, EX_UNAVAILABLE, EX_OSERR, EX_NOPERM, EX_CONFIG = (
+    0, 3, 64, 69, 71, 77, 78)
 DEFAULT_CONFIG = "/etc/netd/netd.yaml"
 Report = Callable[[int, str], None]
 
@@ -40,7 +41,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         return EX_USAGE
     args.config = args.config or os.environ.get("NETD_CONFIG") or DEFAULT_CONFIG
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except PermissionError as e:
+        print(f"netd: {e}", file=sys.stderr)
+        return EX_NOPERM
     return result
 
 

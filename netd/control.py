@@ -93,6 +93,9 @@ def request(path: str, command: str, timeout_s: float = 30.0) -> dict[str, Any]:
         except (FileNotFoundError, ConnectionRefusedError) as e:
             raise NotRunning(f"netd is not running (no control socket at {path}: "
                              f"{e.strerror})") from None
+        except PermissionError:
+            raise PermissionError(f"permission denied on {path}: only the user netd runs "
+                                  "as (and root) may use it; try sudo") from None
         sock.sendall(json.dumps({"cmd": command}).encode() + b"\n")
         data = b""
         while chunk := sock.recv(65536):

@@ -68,13 +68,17 @@ def adopt(address: Address, service: str, passed: dict[int, socket.socket],
           names: dict[int, str]) -> socket.socket | None:
     """The passed socket for `address` of `service`, taken out of `passed`, if any.
 
-    A socket named after the service (FileDescriptorName=) matches when its type
-    agrees; otherwise one bound to exactly the configured address does.
+    One bound to exactly the configured address wins; failing that, one named after
+    the service (FileDescriptorName=) of the same type, so that a service with
+    several addresses never takes the socket meant for another of them.
     """
-    for fd, sock in passed.items():
-        if sock.type != address.socktype or sock.family != address.family:
-            continue
-        if names.get(fd) == service or _bound_to(sock, address):
+    candidates = [fd for fd, sock in passed.items()
+                  if sock.type == address.socktype and sock.family == address.family]
+    for fd in candidates:
+        if _bound_to(passed[fd], address):
+            return passed.pop(fd)
+    for fd in candidates:
+        if names.get(fd) == service:
             return passed.pop(fd)
     return None
 

@@ -43,6 +43,24 @@ def free_tcp_udp_port() -> int:
         return port
     raise RuntimeError("no port free for both TCP and UDP")
 
+def distinct_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n different ports on host, each free for TCP and UDP when probed (the kernel may
+    hand out the same port twice in a row)."""
+    found: list[int] = []
+    for _ in range(50 * n):
+        port = free_port(socket.SOCK_STREAM, host)
+        try:
+            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
+                               socket.SOCK_DGRAM) as probe:
+                probe.bind((host, port))
+        except OSError:
+            continue
+        if port not in found:
+            found.append(port)
+        if len(found) == n:
+            return found
+    raise RuntimeError(f"no {n} distinct free ports on {host}")
+
 
 def parse_logfmt(line: str) -> dict[str, str]:
     """Split one logfmt line (key=value, values optionally double-quoted) into a dict."""

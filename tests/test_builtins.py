@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Netd, SyslogSink, connect, free_port, recv_all
+from conftest import Netd, SyslogSink, connect, distinct_ports, recv_all
 
 RFC868_OFFSET_S = 2_208_988_800
 # RFC 864: the 95 printing characters (space through tilde) as a ring; line N holds
@@ -27,23 +27,6 @@ def chargen_line(n: int) -> bytes:
     return "".join(RING[(n + i) % 95] for i in range(72)).encode() + b"\r\n"
 
 
-def distinct_ports(n: int, host: str = "127.0.0.1") -> list[int]:
-    """n different ports on host, each free for TCP and UDP when probed (the kernel may
-    hand out the same port twice in a row)."""
-    found: list[int] = []
-    for _ in range(50 * n):
-        port = free_port(socket.SOCK_STREAM, host)
-        try:
-            with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET,
-                               socket.SOCK_DGRAM) as probe:
-                probe.bind((host, port))
-        except OSError:
-            continue
-        if port not in found:
-            found.append(port)
-        if len(found) == n:
-            return found
-    raise RuntimeError(f"no {n} distinct free ports on {host}")
 
 
 def all_builtins(host: str = "127.0.0.1") -> tuple[str, dict[str, int]]:
@@ -59,17 +42,6 @@ def all_builtins(host: str = "127.0.0.1") -> tuple[str, dict[str, int]]:
     return "\n".join(lines) + "\n", ports
 
 
-def start_ready(start_netd: Callable[..., Netd], sink: SyslogSink, body: str,
-                env: dict[str, str] | None = None) -> Netd:
-    """start_netd, but a netd that never gets ready fails the test with its stderr."""
-    netd = start_netd(body, env=env, ready=False)
-    try:
-        sink.wait_for(event="ready")
-    except AssertionError as e:
-        netd.proc.kill()
-        _, err = netd.proc.communicate(timeout=10)
-        raise AssertionError(f"netd did not get ready: {e}\nstderr: {err.decode()}") from None
-    return netd
 
 
 def udp_ask(port: int, data: bytes, host: str = "127.0.0.1", timeout_s: float = 5.0) -> bytes:
@@ -124,7 +96,7 @@ def echo_roundtrip(port: int, data: bytes, host: str = "127.0.0.1") -> bytes:
 def builtins_netd(start_netd: Callable[..., Netd],
                   sink: SyslogSink) -> tuple[Netd, dict[str, int]]:
     body, ports = all_builtins()
-    return start_ready(start_netd, sink, body), ports
+    return start_netd(body), ports
 
 
 def test_echo_tcp_short_and_binary(builtins_netd: tuple[Netd, dict[str, int]]) -> None:
@@ -245,7 +217,7 @@ def ipv6_loopback() -> bool:
 def test_builtins_on_ipv6(start_netd: Callable[..., Netd], sink: SyslogSink) -> None:
     """Every builtin answers on [::1] over TCP and UDP; logs write [IP]:PORT."""
     body, ports = all_builtins("::1")
-    start_ready(start_netd, sink, body)
+    start_netd(body)
     assert echo_roundtrip(ports["echo"], b"six\n", "::1") == b"six\n"
     assert udp_ask(ports["echo"], b"six", "::1") == b"six"
     with connect(ports["chargen"], "::1") as s:
@@ -268,7 +240,7 @@ def test_chargen_reader_that_never_reads(start_netd: Callable[..., Netd],
     Meanwhile the supervisor keeps serving other clients.
     """
     body, ports = all_builtins()
-    start_ready(start_netd, sink, body)
+    start_netd(body)
     with connect(ports["chargen"]) as lazy:
         lazy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         pid = accept_pid(sink, "chargen", lazy)
@@ -292,7 +264,7 @@ def test_client_closing_mid_echo_ends_child(start_netd: Callable[..., Netd],
                                             sink: SyslogSink) -> None:
     """A client that writes, reads a little, then closes ends its echo child."""
     body, ports = all_builtins()
-    start_ready(start_netd, sink, body)
+    start_netd(body)
     s = connect(ports["echo"])
     try:
         pid = accept_pid(sink, "echo", s)
@@ -308,7 +280,7 @@ def test_many_short_connections_every_child_reaped(start_netd: Callable[..., Net
                                                    sink: SyslogSink) -> None:
     """50 daytime connections: 50 accepts, 50 exits with status 0, no child left behind."""
     body, ports = all_builtins()
-    netd = start_ready(start_netd, sink, body)
+    netd = start_netd(body)
     pids = []
     for _ in range(50):
         with connect(ports["daytime"]) as s:

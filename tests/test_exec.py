@@ -11,7 +11,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Netd, SyslogSink, connect, free_port, free_tcp_udp_port, recv_all
+from conftest import (
+    Netd,
+    SyslogSink,
+    connect,
+    distinct_ports,
+    free_port,
+    free_tcp_udp_port,
+    recv_all,
+)
 
 # A system interpreter for the exec'd scripts: children may run as nobody, who cannot
 # reach a virtualenv under /root; the script goes in argv (-c) for the same reason.
@@ -50,27 +58,8 @@ s.sendto(json.dumps({"pid": os.getpid(), "got": data.decode(), "env": env}).enco
 """
 
 
-def distinct_ports(n: int) -> list[int]:
-    """n different loopback ports, each free for TCP and UDP (the kernel may repeat one)."""
-    found: list[int] = []
-    while len(found) < n:
-        port = free_tcp_udp_port()
-        if port not in found:
-            found.append(port)
-    return found
 
 
-def start_ready(start_netd: Callable[..., Netd], sink: SyslogSink, body: str,
-                env: dict[str, str] | None = None) -> Netd:
-    """start_netd, but a netd that never gets ready fails the test with its stderr."""
-    netd = start_netd(body, env=env, ready=False)
-    try:
-        sink.wait_for(event="ready")
-    except AssertionError as e:
-        netd.proc.kill()
-        _, err = netd.proc.communicate(timeout=10)
-        raise AssertionError(f"netd did not get ready: {e}\nstderr: {err.decode()}") from None
-    return netd
 
 
 def wait_count(sink: SyslogSink, n: int, timeout_s: float = 10.0,
@@ -103,7 +92,7 @@ def dump_over_tcp(port: int) -> tuple[dict[str, object], int]:
 def test_exec_cat_echoes(start_netd: Callable[..., Netd], sink: SyslogSink) -> None:
     """/bin/cat with the socket on stdin and stdout is an echo server; it exits 0 on EOF."""
     port = free_port()
-    start_ready(start_netd, sink, f"""
+    start_netd(f"""
         services:
           cat:
             listen: tcp://127.0.0.1:{port}
@@ -125,7 +114,7 @@ def test_exec_environment_is_exactly_the_pinned_one(tmp_path: Path,
                                                     sink: SyslogSink) -> None:
     """defaults.env + service env + UCSPI + NETD_SERVICE + PATH, nothing from netd's own env."""
     port, port2 = distinct_ports(2)
-    start_ready(start_netd, sink, f"""
+    start_netd(f"""
         defaults:
           env: {{SHARED: from-defaults, OVERRIDDEN: from-defaults}}
         services:
@@ -166,7 +155,7 @@ def test_exec_sh_sees_only_pinned_variables(start_netd: Callable[..., Netd],
                                             sink: SyslogSink) -> None:
     """The same through /bin/sh: `env` lists the pinned variables (and PWD, dash's own)."""
     port = free_port()
-    start_ready(start_netd, sink, f"""
+    start_netd(f"""
         services:
           shenv:
             listen: tcp://127.0.0.1:{port}
@@ -189,7 +178,7 @@ def test_exec_fds_are_exactly_0_1_2(tmp_path: Path, start_netd: Callable[..., Ne
                                     sink: SyslogSink) -> None:
     """The program holds the socket on 0 and 1, stderr on 2, and no other fd of netd's."""
     port = free_port()
-    start_ready(start_netd, sink, f"""
+    start_netd(f"""
         services:
           fds:
             listen: tcp://127.0.0.1:{port}
@@ -211,7 +200,7 @@ def test_exec_unix_stream_peer_credentials(tmp_path: Path, start_netd: Callable[
                                            sink: SyslogSink) -> None:
     """On unix:PATH, the program gets the client's pid/uid/gid (SO_PEERCRED) and the path."""
     path = tmp_path / "svc.sock"
-    start_ready(start_netd, sink, f"""
+    start_netd(f"""
         services:
           ucred:
             listen: unix:{path}
@@ -242,7 +231,7 @@ def test_exec_stderr_logged_or_dropped(null: str, start_netd: Callable[..., Netd
     """stderr: log turns each stderr line into event=stderr; stderr: null drops them."""
     loud, quiet = distinct_ports(2)
     noisy = "echo first-line >&2; echo 'second line' >&2; echo out"
-    start_ready(start_netd, sink, f"""
+    start_netd(f"""
         services:
           quiet:
             listen: tcp://127.0.0.1:{quiet}
@@ -269,7 +258,7 @@ def test_exec_stderr_last_line_without_newline(start_netd: Callable[..., Netd],
     """A child's last stderr line is logged when it exits, even without a newline,
     and never glued to the next child's output."""
     port = free_port()
-    start_ready(start_netd, sink, f"""
+    start_netd(f"""
         services:
           tail:
             listen: tcp://127.0.0.1:{port}
@@ -314,7 +303,7 @@ def test_udp_wait_mode_one_child_at_a_time(tmp_path: Path, start_netd: Callable[
                                            sink: SyslogSink) -> None:
     """wait mode: the child gets the UDP socket itself; the next starts only after it exits."""
     port = free_tcp_udp_port()
-    start_ready(start_netd, sink, f"""
+    start_netd(f"""
         services:
           dgram:
             listen: udp://127.0.0.1:{port}
@@ -350,7 +339,7 @@ def test_udp_wait_child_environment(tmp_path: Path, start_netd: Callable[..., Ne
     """A UDP wait child has PROTO=UDP and, as UCSPI names them after PROTO, the local
     address in UDPLOCALIP/UDPLOCALPORT; nothing more."""
     port = free_tcp_udp_port()
-    start_ready(start_netd, sink, f"""
+    start_netd(f"""
         services:
           dgramenv:
             listen: udp://127.0.0.1:{port}
@@ -375,7 +364,7 @@ def test_exit_status_and_signal_are_logged(start_netd: Callable[..., Netd],
                                            sink: SyslogSink) -> None:
     """A program's exit status goes in event=exit status=N; a kill, in signal=SIGNAME."""
     seven, killed = distinct_ports(2)
-    start_ready(start_netd, sink, f"""
+    start_netd(f"""
         services:
           seven:
             listen: tcp://127.0.0.1:{seven}

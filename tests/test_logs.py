@@ -19,8 +19,8 @@ from conftest import (
     Netd,
     SyslogSink,
     connect,
+    distinct_ports,
     free_port,
-    free_tcp_udp_port,
     parse_logfmt,
     recv_all,
 )
@@ -35,27 +35,8 @@ DOCUMENTED = {line.split("|")[1].strip()
 SEVERITY = {"err": 3, "warning": 4, "info": 6, "debug": 7}
 
 
-def distinct_ports(n: int) -> list[int]:
-    """n different loopback ports, each free for TCP and UDP (the kernel may repeat one)."""
-    found: list[int] = []
-    while len(found) < n:
-        port = free_tcp_udp_port()
-        if port not in found:
-            found.append(port)
-    return found
 
 
-def start_ready(start_netd: Callable[..., Netd], sink: SyslogSink, body: str,
-                env: dict[str, str] | None = None) -> Netd:
-    """start_netd, but a netd that never gets ready fails the test with its stderr."""
-    netd = start_netd(body, env=env, ready=False)
-    try:
-        sink.wait_for(event="ready")
-    except AssertionError as e:
-        netd.proc.kill()
-        _, err = netd.proc.communicate(timeout=10)
-        raise AssertionError(f"netd did not get ready: {e}\nstderr: {err.decode()}") from None
-    return netd
 
 
 def keys(event: dict[str, str]) -> list[str]:
@@ -148,7 +129,7 @@ def log_section(address: object, facility: str = "daemon", level: str = "debug",
 def test_lifecycle_event_keys_in_order(start_netd: Callable[..., Netd], sink: SyslogSink) -> None:
     """start, listen, ready, accept, exit, stop carry exactly the documented keys, in order."""
     port = free_port()
-    netd = start_ready(start_netd, sink, f"""
+    netd = start_netd(f"""
         services:
           echo:
             listen: tcp://127.0.0.1:{port}
@@ -186,7 +167,7 @@ def test_lifecycle_event_keys_in_order(start_netd: Callable[..., Netd], sink: Sy
 def test_other_event_keys_in_order(start_netd: Callable[..., Netd], sink: SyslogSink) -> None:
     """accept (wait mode), exit by signal, datagram and stderr keys, as documented."""
     waitp, killp, udp, errp = distinct_ports(4)
-    start_ready(start_netd, sink, f"""
+    start_netd(f"""
         services:
           waiter:
             listen: udp://127.0.0.1:{waitp}
@@ -234,7 +215,7 @@ def test_listen_mode_is_nowait_or_wait(tmp_path: Path, start_netd: Callable[...,
                                        sink: SyslogSink) -> None:
     """event=listen says mode=nowait or mode=wait (docs/logging.md), for every kind."""
     tcp, udp_builtin, udp_exec = distinct_ports(3)
-    start_ready(start_netd, sink, f"""
+    start_netd(f"""
         services:
           tcpecho:
             listen: tcp://127.0.0.1:{tcp}
@@ -260,7 +241,7 @@ def test_error_event_keys(start_netd: Callable[..., Netd], sink: SyslogSink) -> 
     """A python handler's exception: event=error with service, the child's pid, msg and
     traceback, in that order."""
     port = free_port()
-    start_ready(start_netd, sink, f"""
+    start_netd(f"""
         services:
           boom:
             listen: tcp://127.0.0.1:{port}
@@ -277,7 +258,7 @@ def test_error_event_keys(start_netd: Callable[..., Netd], sink: SyslogSink) -> 
 def test_only_documented_events(start_netd: Callable[..., Netd], sink: SyslogSink) -> None:
     """Clients that reset, half-close or vanish produce only events docs/logging.md lists."""
     chargen, echo = distinct_ports(2)
-    netd = start_ready(start_netd, sink, f"""
+    netd = start_netd(f"""
         services:
           chargen:
             listen: tcp://127.0.0.1:{chargen}
@@ -304,7 +285,7 @@ def test_syslog_priority_and_header(facility: str, code: int, start_netd: Callab
                                     sink: SyslogSink) -> None:
     """Each datagram is `<PRI>Mmm dd hh:mm:ss netd[PID]: line`, PRI = facility*8+severity."""
     port, killp, udp, boom_port = distinct_ports(4)
-    netd = start_ready(start_netd, sink, log_section(sink.path, facility) + f"""
+    netd = start_netd(log_section(sink.path, facility) + f"""
 services:
   echo:
     listen: tcp://127.0.0.1:{port}
@@ -351,7 +332,7 @@ services:
 def test_log_to_stderr_same_lines(start_netd: Callable[..., Netd], sink: SyslogSink) -> None:
     """log.to: stderr writes the very lines syslog gets (after its header), one per line."""
     tcp, other = distinct_ports(2)
-    by_syslog = start_ready(start_netd, sink, f"""
+    by_syslog = start_netd(f"""
         services:
           echo:
             listen: tcp://127.0.0.1:{tcp}

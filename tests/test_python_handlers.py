@@ -6,37 +6,14 @@ import re
 from collections.abc import Callable
 
 import pytest
-from conftest import Netd, SyslogSink, connect, free_tcp_udp_port, recv_all
-
-
-def distinct_ports(n: int) -> list[int]:
-    """n different loopback ports, each free for TCP and UDP (the kernel may repeat one)."""
-    found: list[int] = []
-    while len(found) < n:
-        port = free_tcp_udp_port()
-        if port not in found:
-            found.append(port)
-    return found
-
-
-def start_ready(start_netd: Callable[..., Netd], sink: SyslogSink, body: str,
-                env: dict[str, str] | None = None) -> Netd:
-    """start_netd, but a netd that never gets ready fails the test with its stderr."""
-    netd = start_netd(body, env=env, ready=False)
-    try:
-        sink.wait_for(event="ready")
-    except AssertionError as e:
-        netd.proc.kill()
-        _, err = netd.proc.communicate(timeout=10)
-        raise AssertionError(f"netd did not get ready: {e}\nstderr: {err.decode()}") from None
-    return netd
+from conftest import Netd, SyslogSink, connect, distinct_ports, recv_all
 
 
 @pytest.fixture
 def handlers_netd(start_netd: Callable[..., Netd], sink: SyslogSink) -> tuple[Netd, dict[str, int]]:
     """One netd with the three test handlers, each on its own port."""
     ports = dict(zip(("peer", "boom", "exit3"), distinct_ports(3), strict=True))
-    netd = start_ready(start_netd, sink, f"""
+    netd = start_netd(f"""
         services:
           peer:
             listen: tcp://127.0.0.1:{ports["peer"]}

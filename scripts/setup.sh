@@ -43,4 +43,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 extra=""
 [ "$want_tests" = yes ] && extra="[test]"
+# wheel first: systemd-python has no pyproject.toml, and without wheel pip falls
+# back to the deprecated `setup.py install`.
+.venv/bin/python -m pip install -q --disable-pip-version-check wheel >&2
 .venv/bin/python -m pip install -q --disable-pip-version-check -e ".${extra}" >&2

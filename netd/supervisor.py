@@ -634,6 +634,9 @@ class Supervisor:
                 continue  # an ICMP error queued for an earlier reply
             if _reflection_risk(remote):
                 continue
+            if not service.access.permits_ip(remote[0]):
+                self._refuse(service, Peer("udp", remote=remote), "access")
+                continue
             reply = reply_to(request)
             if reply is not None:
                 try:

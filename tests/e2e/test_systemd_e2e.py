@@ -226,6 +226,13 @@ class Container:
         except subprocess.TimeoutExpired:
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(timeout=timeout_s)
+        # A killed nspawn can leave the container's init running on its own (seen: its
+        # rsyslogd then spun on a core): end it too, by its pid.
+        if self.init:
+            try:
+                os.kill(self.init, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.log_file.close()
 
 

@@ -18,8 +18,8 @@ from typing import Any
 from netd import __version__
 from netd.config import Config, ConfigError, load_config, load_daemon_config
 from netd.control import NotRunning, request
-from netd.daemon import AlreadyRunning, Pidfile, start_detached
 from netd.logs import open_log
+from netd.pidfile import AlreadyRunning, Pidfile
 from netd.sockets import BindError
 from netd.supervisor import Supervisor
 from netd.systemd import Notifier, passed_sockets
@@ -122,6 +122,10 @@ def cmd_start(args: argparse.Namespace) -> int:
         print(f"netd: already running (pid {holder}, pidfile {config.daemon.pidfile})",
               file=sys.stderr)
         return EX_UNAVAILABLE
+
+    # python-daemon is needed by `netd start` only: the supervisor of `netd run` (how
+    # systemd runs netd) does not carry it.
+    from netd.daemon import start_detached
 
     def serve_detached(report_fd: int) -> int:
         def report(code: int, message: str) -> None:

@@ -16,8 +16,6 @@ import time
 from collections import deque
 from typing import Protocol
 
-from systemd import journal
-
 SEVERITIES = {"emerg": 0, "alert": 1, "crit": 2, "err": 3, "warning": 4, "notice": 5,
               "info": 6, "debug": 7}
 FACILITIES = {"kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5, "lpr": 6,
@@ -109,11 +107,17 @@ class SyslogTarget:
 class JournalTarget:
     """Lines to the journal, with each field also as a NETD_* journal field."""
 
+    def __init__(self) -> None:
+        # Imported only when logging to the journal: it is ~2.6 MB of a small supervisor.
+        from systemd import journal
+
+        self.journal = journal
+
     def send(self, severity: int, event: str, fields: dict[str, object], line: str) -> bool:
         extra = {f"NETD_{key.upper()}": str(value) for key, value in fields.items()
                  if value is not None}
         try:
-            journal.send(line, PRIORITY=str(severity), SYSLOG_IDENTIFIER="netd",
+            self.journal.send(line, PRIORITY=str(severity), SYSLOG_IDENTIFIER="netd",
                          NETD_EVENT=event, **extra)
         except OSError:
             return False

@@ -27,6 +27,7 @@ import signal
 import socket
 import struct
 import traceback
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -191,7 +192,9 @@ class Spawner:
 
     `request()` hands it a program and fds; `events()` reads back what happened:
     {"token", "pid"} when a program started, {"token", "error"} when it could not,
-    {"exit": pid, "status": waitstatus} when one ended.
+    {"exit": pid, "status": waitstatus} when one ended. A request the socket cannot
+    take now (the spawner is behind) is `held`, with copies of its fds, until flush()
+    gets it through; meanwhile the supervisor stops accepting for this spawner.
     """
 
     def __init__(self, identity: Identity, keep_fds: list[int]) -> None:
@@ -204,12 +207,35 @@ class Spawner:
         theirs.close()
         self.pid = pid
         self.sock.setblocking(False)
+        self.held: deque[tuple[bytes, array.array[int]]] = deque()
 
     def request(self, token: int, argv: tuple[str, ...], env: dict[str, str], conn_fd: int,
                 stderr_fd: int) -> None:
         """Ask for argv to be started on conn_fd; the answer comes through events()."""
         message = json.dumps({"token": token, "argv": argv, "env": env}).encode()
         fds = array.array("i", [conn_fd, stderr_fd])
+        if not self.held:
+            try:
+                self._send(message, fds)
+                return
+            except BlockingIOError:
+                pass
+        # The caller closes its fds when we return: keep our own copies until sent.
+        self.held.append((message, array.array("i", [os.dup(fd) for fd in fds])))
+
+    def flush(self) -> None:
+        """Send what is held, in order, until the socket is full again."""
+        while self.held:
+            message, fds = self.held[0]
+            try:
+                self._send(message, fds)
+            except BlockingIOError:
+                return
+            self.held.popleft()
+            for fd in fds:
+                os.close(fd)
+
+    def _send(self, message: bytes, fds: array.array[int]) -> None:
         self.sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
 
     def events(self) -> list[dict[str, Any]] | None:
@@ -229,6 +255,10 @@ class Spawner:
     def close(self) -> None:
         """Tell the spawner to leave (it exits when its socket closes)."""
         self.sock.close()
+        for _, fds in self.held:
+            for fd in fds:
+                os.close(fd)
+        self.held.clear()
 
 
 def _spawner_main(sock: socket.socket, identity: Identity, keep_fds: list[int]) -> None:

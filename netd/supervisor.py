@@ -35,7 +35,6 @@ from netd.runtime import Child, Listener, Pending, ServiceState
 from netd.sockets import bind, describe, remove_unix, set_file_owner
 from netd.spawn import Peer, Spawner, exec_env, fork_child
 from netd.systemd import Notifier, adopt
-from netd.workers import run_worker
 
 PR_SET_CHILD_SUBREAPER = 36
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
@@ -79,6 +78,8 @@ class Supervisor:
         self.proxy_waits: set[ProxyWait] = set()
         self.control_requests: set[ControlRequest] = set()
         self.pending: dict[int, Pending] = {}
+        # Listeners not watched while their spawner's socket is full.
+        self.held_back: dict[Spawner, set[Listener]] = {}
         self.next_token = 0
         # Programs a dead spawner leaves behind become our children, so that they
         # are still reaped and logged.
@@ -385,6 +386,8 @@ class Supervisor:
             with conn:
                 peer = Peer.of(conn, listener.address.proto, remote)
                 self._admit(service, listener, conn, peer, remote)
+            if listener.sock not in self.selector.get_map():
+                return  # held back (its spawner is behind) or suspended meanwhile
 
     def _admit(self, service: Service, listener: Listener, conn: socket.socket, peer: Peer,
                remote: object) -> None:
@@ -521,6 +524,8 @@ class Supervisor:
                                 stderr_fd or self.devnull)
                 self.pending[self.next_token] = Pending(
                     service.name, listener, peer, spawner, time.monotonic(), counted, source)
+                if spawner.held:
+                    self._hold_back(spawner, listener)
                 return True
             else:
                 pid = fork_child(lambda: serve_connection(service, conn, remote),
@@ -558,7 +563,29 @@ class Supervisor:
             self.selector.register(spawner.sock, selectors.EVENT_READ, spawner)
         return spawner
 
+    def _hold_back(self, spawner: Spawner, listener: Listener) -> None:
+        """The spawner is behind: stop accepting on `listener` (connections wait in the
+        kernel's backlog) and wake when the spawner's socket has room."""
+        if listener.sock in self.selector.get_map() and not listener.busy:
+            self.selector.unregister(listener.sock)
+        self.held_back.setdefault(spawner, set()).add(listener)
+        self.selector.modify(spawner.sock, selectors.EVENT_READ | selectors.EVENT_WRITE,
+                             spawner)
+
+    def _catch_up(self, spawner: Spawner) -> None:
+        """Send what the spawner held; once all is through, accept again."""
+        spawner.flush()
+        if spawner.held or spawner not in self.held_back:
+            return
+        self.selector.modify(spawner.sock, selectors.EVENT_READ, spawner)
+        for listener in self.held_back.pop(spawner):
+            state = self.services.get(listener.service)
+            if state is not None and listener in state.listeners and not self.stopping:
+                self._arm(state)
+
     def _spawner_events(self, spawner: Spawner) -> None:
+        if spawner.held:
+            self._catch_up(spawner)
         events = spawner.events()
         for event in events or ():
             if "exit" in event:
@@ -598,6 +625,10 @@ class Supervisor:
         """A spawner went away: fail what it had not started yet."""
         if self.spawners.get(spawner.identity) is spawner:
             del self.spawners[spawner.identity]
+        for listener in self.held_back.pop(spawner, set()):
+            state = self.services.get(listener.service)
+            if state is not None and listener in state.listeners and not self.stopping:
+                self._arm(state)
         if spawner.sock.fileno() >= 0:
             self.selector.unregister(spawner.sock)
             spawner.close()
@@ -708,6 +739,10 @@ class Supervisor:
             return
         sockets = [lst.sock for lst in state.listeners
                    if service.mode(lst.address) == "workers"]
+        # Imported here, not at the top: asyncio (and the ssl it pulls in) is ~9 MB the
+        # supervisor carries only when some service runs workers.
+        from netd.workers import run_worker
+
         for _ in range(service.workers - running):
             try:
                 pid = fork_child(lambda: run_worker(service, sockets, self.log),

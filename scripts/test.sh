@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh --test
 .venv/bin/python -m pytest -q "$@"
-.venv/bin/ruff check netd tests
+.venv/bin/ruff check netd tests bench
 .venv/bin/mypy --strict netd

@@ -146,6 +146,10 @@ class Log:
         self.backlog: deque[Line] = deque()
         self.patience_s = 0.0
 
+    def wants(self, level: str) -> bool:
+        """Whether events at `level` are logged at all (to skip building their fields)."""
+        return SEVERITIES[level] <= self.max_severity
+
     def event(self, event: str, level: str = "info", **fields: object) -> None:
         """Log `event` with `fields` at `level` (a syslog severity name)."""
         severity = SEVERITIES[level]

@@ -91,6 +91,11 @@ class AccessList:
             raise AccessError(problems)
         return cls(allow=sides[0], deny=sides[1])
 
+    @property
+    def restricts_ip(self) -> bool:
+        """True when some IP peer could be refused (any network listed at all)."""
+        return bool(self.allow.networks or self.deny.networks)
+
     def permits_ip(self, ip: str) -> bool:
         """Whether an IP peer (v4, v6 or v4-mapped v6) may connect; ValueError if not an IP."""
         address = ip_form(ip)

@@ -43,6 +43,9 @@ DATAGRAMS_PER_WAKEUP = 64
 STDERR_LINE_MAX = 2048
 STATUS_EVERY_S = 1.0
 MAX_PROXY_WAITS = 1024     # connections whose PROXY header may be pending at once
+# A UDP builtin never answers port 0 or another small-services port: that is how two
+# servers start bouncing datagrams off each other.
+SMALL_SERVICE_PORTS = frozenset((0, 7, 9, 13, 19, 37))
 KILL_GRACE_S = 5.0          # after max_duration's SIGTERM, SIGKILL
 WORKER_BACKOFF_S = 0.1      # first restart delay; doubles while workers keep dying young
 WORKER_BACKOFF_MAX_S = 30.0
@@ -656,27 +659,32 @@ class Supervisor:
         """A UDP builtin: answer each queued datagram right here, no child needed."""
         assert service.builtin is not None
         reply_to = BUILTINS[service.builtin].datagram
+        # This loop is the whole cost of a UDP request: what is constant is hoisted.
+        sock = listener.sock
+        access = service.access if service.access.restricts_ip else None
+        logged = self.log.wants("debug")
         for _ in range(DATAGRAMS_PER_WAKEUP):
             try:
-                request, remote = listener.sock.recvfrom(65536)
+                request, remote = sock.recvfrom(65536)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
                 continue  # an ICMP error queued for an earlier reply
-            if _reflection_risk(remote):
+            if remote[1] in SMALL_SERVICE_PORTS:
                 continue
-            if not service.access.permits_ip(remote[0]):
+            if access is not None and not access.permits_ip(remote[0]):
                 self._refuse(service, Peer("udp", remote=remote), "access")
                 continue
             reply = reply_to(request)
             if reply is not None:
                 try:
-                    listener.sock.sendto(reply, remote)
+                    sock.sendto(reply, remote)
                 except OSError:
                     pass  # a full send buffer drops the reply, as UDP may
-            self.log.event("datagram", "debug", service=service.name, proto="udp",
-                           peer=describe(remote, listener.address.family),
-                           local=listener.local)
+            if logged:
+                self.log.event("datagram", "debug", service=service.name, proto="udp",
+                               peer=describe(remote, listener.address.family),
+                               local=listener.local)
 
     # -- children ---------------------------------------------------------------
 
@@ -982,11 +990,6 @@ def _policy_peer(peer: Peer) -> str | UnixPeer:
 
 def _note_signal(signum: int, frame: object) -> None:
     """The signal number reaches the loop through the wake-up fd; nothing to do here."""
-
-
-def _reflection_risk(remote: tuple[str, int]) -> bool:
-    """Never answer port 0 or another small-services port: that is how UDP loops start."""
-    return remote[1] in (0, 7, 9, 13, 19, 37)
 
 
 def _become_subreaper() -> None:

@@ -19,6 +19,7 @@ Two ways, chosen by what the child runs:
 from __future__ import annotations
 
 import array
+import ctypes
 import json
 import os
 import resource
@@ -323,3 +324,26 @@ def _report_exits(sock: socket.socket) -> None:
         if pid == 0:
             return
         sock.send(json.dumps({"exit": pid, "status": status}).encode())
+
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def die_with_parent(sig: int) -> None:
+    """prctl(PR_SET_PDEATHSIG): the kernel sends `sig` when our parent dies."""
+    parent = os.getppid()
+    _prctl(PR_SET_PDEATHSIG, sig)
+    if os.getppid() != parent:  # it died before the prctl took effect
+        os.kill(os.getpid(), sig)
+
+
+def become_subreaper() -> None:
+    """prctl(PR_SET_CHILD_SUBREAPER): orphaned descendants are re-parented to us."""
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def _prctl(option: int, value: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(option, value, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), f"prctl({option}) failed")

@@ -10,7 +10,6 @@ CPU at rest.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import heapq
 import itertools
@@ -33,10 +32,9 @@ from netd.proxy import ProxyError
 from netd.proxywait import ProxyWait
 from netd.runtime import Child, Listener, Pending, ServiceState
 from netd.sockets import bind, describe, remove_unix, set_file_owner
-from netd.spawn import Peer, Spawner, exec_env, fork_child
+from netd.spawn import Peer, Spawner, become_subreaper, exec_env, fork_child
 from netd.systemd import Notifier, adopt
 
-PR_SET_CHILD_SUBREAPER = 36
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 ACCEPTS_PER_WAKEUP = 64
 DATAGRAMS_PER_WAKEUP = 64
@@ -46,6 +44,7 @@ MAX_PROXY_WAITS = 1024     # connections whose PROXY header may be pending at on
 # A UDP builtin never answers port 0 or another small-services port: that is how two
 # servers start bouncing datagrams off each other.
 SMALL_SERVICE_PORTS = frozenset((0, 7, 9, 13, 19, 37))
+SPAWNER_RETRY_S = 5.0      # after a spawner failed to take its identity
 KILL_GRACE_S = 5.0          # after max_duration's SIGTERM, SIGKILL
 WORKER_BACKOFF_S = 0.1      # first restart delay; doubles while workers keep dying young
 WORKER_BACKOFF_MAX_S = 30.0
@@ -83,10 +82,11 @@ class Supervisor:
         self.pending: dict[int, Pending] = {}
         # Listeners not watched while their spawner's socket is full.
         self.held_back: dict[Spawner, set[Listener]] = {}
+        self.spawner_failed_s: dict[Identity, float] = {}
         self.next_token = 0
         # Programs a dead spawner leaves behind become our children, so that they
         # are still reaped and logged.
-        _become_subreaper()
+        become_subreaper()
 
     # -- start-up and reload ------------------------------------------------------
 
@@ -560,6 +560,12 @@ class Supervisor:
 
     def _spawner(self, identity: Identity) -> Spawner:
         spawner = self.spawners.get(identity)
+        failed_s = self.spawner_failed_s.get(identity)
+        if spawner is None and failed_s is not None \
+                and time.monotonic() - failed_s < SPAWNER_RETRY_S:
+            # It could not take this identity a moment ago: do not fork one per connection.
+            raise OSError(f"no spawner for user {identity.user} (it failed; retrying "
+                          f"{SPAWNER_RETRY_S:g}s after)")
         if spawner is None:
             spawner = Spawner(identity, self.log.fds())
             self.spawners[identity] = spawner
@@ -594,6 +600,7 @@ class Supervisor:
             if "exit" in event:
                 self._child_exited(int(event["exit"]), int(event["status"]))
             elif "fatal" in event:
+                self.spawner_failed_s[spawner.identity] = time.monotonic()
                 self.log.event("error", "err", user=spawner.identity.user,
                                msg=f"spawner failed: {event['fatal']}")
             else:
@@ -990,9 +997,3 @@ def _policy_peer(peer: Peer) -> str | UnixPeer:
 
 def _note_signal(signum: int, frame: object) -> None:
     """The signal number reaches the loop through the wake-up fd; nothing to do here."""
-
-
-def _become_subreaper() -> None:
-    """prctl(PR_SET_CHILD_SUBREAPER): orphaned descendants are re-parented to us."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)

@@ -26,10 +26,14 @@ from netd.handlers.builtins import BUILTINS
 from netd.handlers.python import load_handler
 from netd.logs import Log
 from netd.sockets import describe
+from netd.spawn import die_with_parent
 
 
 def run_worker(service: Service, sockets: list[socket.socket], log: Log) -> None:
     """The whole life of one worker (in a forked child that took the service's identity)."""
+    # A worker left behind by a supervisor killed with SIGKILL would go on accepting
+    # on its sockets for ever: have the kernel SIGTERM it when the supervisor dies.
+    die_with_parent(signal.SIGTERM)
     log.patience_s = 0.0  # never stall every connection of this worker on a slow syslog
     asyncio.run(_serve_all(service, sockets, log))
 
@@ -77,9 +81,15 @@ def _server(service: Service, log: Log,
         assert service.python is not None
         handler = load_handler(service.python)
     is_async = inspect.iscoroutinefunction(handler)
+    restricted = service.access.restricts_ip
 
     async def serve(conn: socket.socket, peer: Any) -> None:
         loop = asyncio.get_running_loop()
+        if restricted and isinstance(peer, tuple) and not service.access.permits_ip(peer[0]):
+            conn.close()
+            log.event("refuse", "notice", service=service.name,
+                      peer=describe(peer, conn.family), reason="access", pid=os.getpid())
+            return
         log.event("accept", service=service.name,
                   proto="unix" if conn.family == socket.AF_UNIX else "tcp",
                   peer=describe(peer, conn.family),

@@ -11,7 +11,7 @@ want_tests=no
 packages=(libsystemd-dev pkg-config gcc python3-dev python3-venv)
 # The real programs the tests drive: inetd-style servers and their clients, HAProxy
 # for the PROXY protocol, systemd's socket-activate and analyze tools.
-[ "$want_tests" = yes ] && packages+=(rsync tftpd-hpa tftp-hpa git socat haproxy systemd)
+[ "$want_tests" = yes ] && packages+=(rsync tftpd-hpa tftp-hpa git socat haproxy systemd busybox-static)
 
 missing=()
 for p in "${packages[@]}"; do

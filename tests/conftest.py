@@ -7,6 +7,7 @@ teardown, so a failing test never leaves a netd behind.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -213,9 +214,9 @@ def write_config(tmp_path: Path, body: str, sink: SyslogSink | None,
                  name: str = "netd.yaml") -> Path:
     """Write `body` (a YAML services/... document) with a log section pointing at `sink`."""
     text = textwrap.dedent(body)
-    if sink is not None and "log:" not in text:
+    if sink is not None and not re.search(r"^log:", text, re.M):
         text = (f"log:\n  to: syslog\n  syslog_address: {sink.path}\n  level: debug\n" + text)
-    if "daemon:" not in text:
+    if not re.search(r"^daemon:", text, re.M):
         # Each test's netd gets its own pidfile and control socket.
         text = (f"daemon:\n  pidfile: {tmp_path / 'netd.pid'}\n"
                 f"  control: {tmp_path / 'control.sock'}\n" + text)

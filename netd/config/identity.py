@@ -16,6 +16,7 @@ RLIMITS = {"nofile": resource.RLIMIT_NOFILE, "nproc": resource.RLIMIT_NPROC,
            "core": resource.RLIMIT_CORE, "fsize": resource.RLIMIT_FSIZE}
 SIZE = re.compile(r"^\s*(\d+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
 SIZE_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+CAP_SYS_RESOURCE = 24
 # Who children run as when netd runs as root and a service names no user.
 DEFAULT_USER = "nobody"
 
@@ -61,11 +62,41 @@ def parse_limit(name: str, value: object) -> tuple[str, int, int]:
     if name not in RLIMITS:
         raise ValueError(f"unknown limit (expected one of: {', '.join(RLIMITS)})")
     if value == "unlimited":
-        return name, resource.RLIM_INFINITY, resource.RLIM_INFINITY
+        # Linux has no unlimited number of open files: the most is fs.nr_open.
+        return _grantable(name, _nr_open() if name == "nofile" else resource.RLIM_INFINITY)
     if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return name, value, value
-    match = SIZE.match(str(value)) if isinstance(value, str) else None
-    if match is None:
-        raise ValueError(f"'{value}' is not a number, a size like 512M, or unlimited")
-    size = int(match.group(1)) * SIZE_UNITS[match.group(2).upper()]
+        size = value
+    else:
+        match = SIZE.match(str(value)) if isinstance(value, str) else None
+        if match is None:
+            raise ValueError(f"'{value}' is not a number, a size like 512M, or unlimited")
+        size = int(match.group(1)) * SIZE_UNITS[match.group(2).upper()]
+    if name == "nofile" and size > _nr_open():
+        raise ValueError(f"{size} is above the kernel's maximum (fs.nr_open = {_nr_open()})")
+    return _grantable(name, size)
+
+
+def _grantable(name: str, size: int) -> tuple[str, int, int]:
+    """(name, size, size), or ValueError when netd could not raise the hard limit that far:
+    better said at load time than found out by every connection."""
+    hard = resource.getrlimit(RLIMITS[name])[1]
+    raising = hard != resource.RLIM_INFINITY and (size == resource.RLIM_INFINITY or size > hard)
+    if raising and not _has_sys_resource():
+        shown = "unlimited" if hard == resource.RLIM_INFINITY else hard
+        raise ValueError(f"{size if size != resource.RLIM_INFINITY else 'unlimited'} is above "
+                         f"netd's own hard limit ({shown}), which it may not raise "
+                         "(no CAP_SYS_RESOURCE)")
     return name, size, size
+
+
+def _has_sys_resource() -> bool:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> CAP_SYS_RESOURCE & 1)
+    return False
+
+
+def _nr_open() -> int:
+    with open("/proc/sys/fs/nr_open") as f:
+        return int(f.read())

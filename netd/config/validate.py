@@ -292,6 +292,11 @@ def _service(name: str, body: Mapping, where: Where, defaults: Mapping,
         errors.add(body.key_where["workers"], prefix + "workers",
                    "is for builtin and python services; an exec service starts a program "
                    "per connection")
+    for unsupported in ("proxy_protocol", "limits"):
+        if workers and unsupported in body:
+            errors.add(body.key_where[unsupported], prefix + unsupported,
+                       "is not applied in workers mode (the workers accept by themselves); "
+                       "use nowait mode for it")
     timeout_s = _duration_setting("timeout", body, defaults, prefix, errors)
     max_duration_s = _duration_setting("max_duration", body, defaults, prefix, errors)
     socket_file = _socket_file(body, prefix, errors)
@@ -448,6 +453,9 @@ def _identity(body: Mapping, defaults: Mapping, prefix: str, errors: _Errors) ->
         if key not in source:
             continue
         value = source[key]
+        if key == "rlimits" and isinstance(value, Mapping):
+            found[key] = _rlimits(value, label, errors)
+            continue
         try:
             found[key] = _identity_value(key, value)
         except ValueError as e:
@@ -485,9 +493,17 @@ def _identity_value(key: str, value: Any) -> Any:
         if key == "chroot" and not os.path.isdir(value):
             raise ValueError(f"directory '{value}' does not exist")
         return value
-    if not isinstance(value, dict):
-        raise ValueError(f"expected a mapping like {{nofile: 1024}}, got {_kind(value)}")
-    return tuple(parse_limit(name, limit) for name, limit in value.items())
+    raise ValueError(f"expected a mapping like {{nofile: 1024}}, got {_kind(value)}")
+
+
+def _rlimits(section: Mapping, label: str, errors: _Errors) -> tuple[tuple[str, int, int], ...]:
+    limits = []
+    for name, value in section.items():
+        try:
+            limits.append(parse_limit(name, value))
+        except ValueError as e:
+            errors.add(section.key_where[name], f"{label}.{name}", str(e))
+    return tuple(limits)
 
 
 def _member_of(user: str, gid: int) -> tuple[int, ...]:

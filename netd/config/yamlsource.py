@@ -70,9 +70,14 @@ def load_file(path: str) -> Any:
         raise YamlError(Where(path, line), f"invalid YAML: {e.problem or e}") from None
     except yaml.YAMLError as e:
         raise YamlError(Where(path, 1), f"invalid YAML: {e}") from None
+    except RecursionError:
+        raise YamlError(Where(path, 1), "invalid YAML: nested too deeply") from None
     if node is None:
         return None
-    return _Converter(path).convert(node)
+    try:
+        return _Converter(path).convert(node)
+    except RecursionError:
+        raise YamlError(Where(path, 1), "nested too deeply") from None
 
 
 def _check_trusted(path: str, info: os.stat_result) -> None:

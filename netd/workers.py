@@ -1,10 +1,10 @@
 """Prefork workers: long-lived children that accept on a service's shared sockets and
 serve many connections each, for builtin and python services with `workers: N`.
 
-A worker runs one asyncio loop. It accepts on every socket of its service; an
-`async def handle(reader, writer)` runs in that loop, while a plain builtin or
-`def handle(conn, peer)` runs in a pool of `threads` threads with a blocking socket
-and the service's idle timeout. A handler's exception is logged with its traceback
+A worker runs one asyncio loop. It accepts on every socket of its service; a builtin
+(as a coroutine) or an `async def handle(reader, writer)` runs in that loop, while a
+plain `def handle(conn, peer)` runs in a pool of `threads` threads with a blocking
+socket and the service's idle timeout. A handler's exception is logged with its traceback
 and ends only that connection. On SIGTERM the worker stops accepting, lets what it
 serves finish (the supervisor SIGKILLs it after daemon.stop_timeout), and exits.
 """
@@ -17,7 +17,7 @@ import os
 import signal
 import socket
 import traceback
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -74,13 +74,24 @@ async def _accept_forever(sock: socket.socket,
 def _server(service: Service, log: Log,
             pool: ThreadPoolExecutor) -> Callable[[socket.socket, Any], Any]:
     """The coroutine that serves one accepted connection of `service`."""
+    async_handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[Any]]
+    sync_handler: Callable[[socket.socket, Any], Any] | None = None
     if service.kind == "builtin":
         assert service.builtin is not None
-        handler: Callable[..., Any] = BUILTINS[service.builtin].stream
+        builtin = BUILTINS[service.builtin].stream_async
+
+        async def serve_builtin(reader: asyncio.StreamReader,
+                                writer: asyncio.StreamWriter) -> None:
+            await builtin(reader, writer, service.timeout_s)
+
+        async_handler = serve_builtin
     else:
         assert service.python is not None
-        handler = load_handler(service.python)
-    is_async = inspect.iscoroutinefunction(handler)
+        loaded = load_handler(service.python)
+        if inspect.iscoroutinefunction(loaded):
+            async_handler = loaded
+        else:
+            sync_handler = loaded
     restricted = service.access.restricts_ip
 
     async def serve(conn: socket.socket, peer: Any) -> None:
@@ -96,17 +107,16 @@ def _server(service: Service, log: Log,
                   local=describe(conn.getsockname(), conn.family), pid=os.getpid(),
                   mode="workers")
         try:
-            if is_async:
-                reader, writer = await asyncio.open_connection(sock=conn)
-                try:
-                    await handler(reader, writer)
-                finally:
-                    writer.close()
-            else:
+            if sync_handler is not None:
                 conn.setblocking(True)
                 conn.settimeout(service.timeout_s)
-                args = (conn,) if service.kind == "builtin" else (conn, peer)
-                await loop.run_in_executor(pool, handler, *args)
+                await loop.run_in_executor(pool, sync_handler, conn, peer)
+            else:
+                reader, writer = await asyncio.open_connection(sock=conn)
+                try:
+                    await async_handler(reader, writer)
+                finally:
+                    writer.close()
         except (ConnectionError, TimeoutError) as e:
             log.event("close", service=service.name, pid=os.getpid(),
                       reason="timeout" if isinstance(e, TimeoutError) else "reset")

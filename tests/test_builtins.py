@@ -290,3 +290,44 @@ def test_many_short_connections_every_child_reaped(start_netd: Callable[..., Net
         assert sink.wait_for(event="exit", pid=str(pid))["status"] == "0"
     children = Path(f"/proc/{netd.proc.pid}/task/{netd.proc.pid}/children").read_text().split()
     assert not set(children) & {str(p) for p in pids}
+
+
+def test_builtins_in_workers_mode(start_netd: Callable[..., Netd], sink: SyslogSink) -> None:
+    """With workers: the same RFC behaviour from long-lived workers, and a silent peer
+    is disconnected after the idle timeout (event=close reason=timeout)."""
+    echo, chargen, daytime, tm = distinct_ports(4)
+    start_netd(f"""
+        services:
+          echo:
+            listen: tcp://127.0.0.1:{echo}
+            builtin: echo
+            workers: 2
+            timeout: 1s
+          chargen:
+            listen: tcp://127.0.0.1:{chargen}
+            builtin: chargen
+            workers: 1
+          daytime:
+            listen: tcp://127.0.0.1:{daytime}
+            builtin: daytime
+            workers: 1
+          time:
+            listen: tcp://127.0.0.1:{tm}
+            builtin: time
+            workers: 1
+        """)
+    assert echo_roundtrip(echo, b"\x00binary\xffjunk\n" * 1000) == b"\x00binary\xffjunk\n" * 1000
+    with connect(chargen) as s:
+        first = b""
+        while len(first) < 3 * 74:
+            first += s.recv(4096)
+    assert first[: 3 * 74] == chargen_line(0) + chargen_line(1) + chargen_line(2)
+    with connect(daytime) as s:
+        check_daytime(recv_all(s))
+    with connect(tm) as s:
+        check_time(recv_all(s))
+    with connect(echo) as idle:
+        assert recv_all(idle) == b""  # closed by netd after 1 s of silence
+    close = sink.wait_for(event="close", service="echo")
+    assert close["reason"] == "timeout"
+    assert all(e.get("mode") == "workers" for e in sink.find(event="accept"))

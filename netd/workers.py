@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from netd.config import Service
-from netd.handlers.builtins import BUILTINS
+from netd.handlers.async_builtins import ASYNC_STREAMS
 from netd.handlers.python import load_handler
 from netd.logs import Log
 from netd.sockets import describe
@@ -78,7 +78,7 @@ def _server(service: Service, log: Log,
     sync_handler: Callable[[socket.socket, Any], Any] | None = None
     if service.kind == "builtin":
         assert service.builtin is not None
-        builtin = BUILTINS[service.builtin].stream_async
+        builtin = ASYNC_STREAMS[service.builtin]
 
         async def serve_builtin(reader: asyncio.StreamReader,
                                 writer: asyncio.StreamWriter) -> None:

@@ -9,17 +9,12 @@ by the supervisor, since one datagram needs no process of its own.
 
 from __future__ import annotations
 
-import asyncio
 import random
 import socket
 import struct
 import time
-from asyncio import StreamReader, StreamWriter
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
-
-T = TypeVar("T")
 
 CHUNK = 65536
 CHARGEN_PRINTABLE = bytes(range(32, 127))
@@ -73,42 +68,6 @@ def time_stream(conn: socket.socket) -> None:
     conn.sendall(time_bytes())
 
 
-# The same services as coroutines, for workers mode, where one event loop serves
-# every connection of a worker; each wait is bounded by the idle timeout.
-
-
-async def _idle(timeout_s: float, waiting: Awaitable[T]) -> T:
-    async with asyncio.timeout(timeout_s):
-        return await waiting
-
-
-async def echo_async(reader: StreamReader, writer: StreamWriter, timeout_s: float) -> None:
-    while data := await _idle(timeout_s, reader.read(CHUNK)):
-        writer.write(data)
-        await _idle(timeout_s, writer.drain())
-
-
-async def discard_async(reader: StreamReader, writer: StreamWriter, timeout_s: float) -> None:
-    while await _idle(timeout_s, reader.read(CHUNK)):
-        pass
-
-
-async def chargen_async(reader: StreamReader, writer: StreamWriter, timeout_s: float) -> None:
-    while True:
-        writer.write(CHARGEN_BLOCK)
-        await _idle(timeout_s, writer.drain())
-
-
-async def daytime_async(reader: StreamReader, writer: StreamWriter, timeout_s: float) -> None:
-    writer.write(daytime_text())
-    await _idle(timeout_s, writer.drain())
-
-
-async def time_async(reader: StreamReader, writer: StreamWriter, timeout_s: float) -> None:
-    writer.write(time_bytes())
-    await _idle(timeout_s, writer.drain())
-
-
 def chargen_datagram(_request: bytes) -> bytes:
     size = random.randint(0, 512)
     return (CHARGEN_BLOCK * (size // len(CHARGEN_BLOCK) + 1))[:size]
@@ -116,23 +75,22 @@ def chargen_datagram(_request: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class Builtin:
-    """One built-in service: how it serves a stream (in a child of its own, or as a
-    coroutine in a worker), and its reply to a datagram."""
+    """One built-in service: how it serves a stream, and its reply to a datagram
+    (netd.handlers.async_builtins serves the same streams in workers mode)."""
 
     name: str
     rfc: int
     stream: Callable[[socket.socket], None]
-    stream_async: Callable[[StreamReader, StreamWriter, float], Awaitable[None]]
     datagram: Callable[[bytes], bytes | None]
 
 
 BUILTINS: dict[str, Builtin] = {
     b.name: b
     for b in (
-        Builtin("echo", 862, echo_stream, echo_async, lambda request: request),
-        Builtin("discard", 863, discard_stream, discard_async, lambda request: None),
-        Builtin("chargen", 864, chargen_stream, chargen_async, chargen_datagram),
-        Builtin("daytime", 867, daytime_stream, daytime_async, lambda request: daytime_text()),
-        Builtin("time", 868, time_stream, time_async, lambda request: time_bytes()),
+        Builtin("echo", 862, echo_stream, lambda request: request),
+        Builtin("discard", 863, discard_stream, lambda request: None),
+        Builtin("chargen", 864, chargen_stream, chargen_datagram),
+        Builtin("daytime", 867, daytime_stream, lambda request: daytime_text()),
+        Builtin("time", 868, time_stream, lambda request: time_bytes()),
     )
 }

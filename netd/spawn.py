@@ -34,7 +34,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from netd.config.identity import RLIMITS
-from netd.config.model import Identity
+from netd.config.model import Identity, Service
+from netd.handlers.builtins import BUILTINS
+from netd.handlers.python import load_handler
 from netd.logs import Log
 
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
@@ -347,3 +349,14 @@ def _prctl(option: int, value: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(option, value, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), f"prctl({option}) failed")
+
+
+def serve_connection(service: Service, conn: socket.socket, remote: object) -> None:
+    """In the child: run the service's builtin or python handler on `conn`."""
+    conn.settimeout(service.timeout_s)
+    if service.kind == "builtin":
+        assert service.builtin is not None
+        BUILTINS[service.builtin].stream(conn)
+    else:
+        assert service.python is not None
+        load_handler(service.python)(conn, remote)

@@ -24,7 +24,6 @@ from netd import __version__
 from netd.config import Address, Config, ConfigError, Service, load_config
 from netd.config.model import Identity
 from netd.control import MAX_PENDING, BadRequest, ControlRequest, send_reply
-from netd.handlers import serve_connection
 from netd.handlers.builtins import BUILTINS
 from netd.logs import Log
 from netd.policy import RateWindow, Refuse, UnixPeer, check_rate, decide, source_key
@@ -32,7 +31,14 @@ from netd.proxy import ProxyError
 from netd.proxywait import ProxyWait
 from netd.runtime import Child, Listener, Pending, ServiceState
 from netd.sockets import bind, describe, remove_unix, set_file_owner
-from netd.spawn import Peer, Spawner, become_subreaper, exec_env, fork_child
+from netd.spawn import (
+    Peer,
+    Spawner,
+    become_subreaper,
+    exec_env,
+    fork_child,
+    serve_connection,
+)
 from netd.systemd import Notifier, adopt
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)

@@ -4,8 +4,9 @@ reaps them, reloads and stops.
 
 Signal handlers do nothing but let Python write the signal number to the wake-up
 socket; the loop reads those numbers and does the work. With nothing to do, the loop
-sleeps in select() with no timeout (unless systemd's watchdog asks for pings): zero
-CPU at rest.
+sleeps in select() with no timeout: zero CPU at rest. It wakes by itself only when a
+timer is due (a worker restart, a max_duration, the end of a rate suspension, a PROXY
+header or control request deadline, the stop deadline, systemd's watchdog).
 """
 
 from __future__ import annotations

@@ -52,6 +52,7 @@ MAX_PROXY_WAITS = 1024     # connections whose PROXY header may be pending at on
 # servers start bouncing datagrams off each other.
 SMALL_SERVICE_PORTS = frozenset((0, 7, 9, 13, 19, 37))
 SPAWNER_RETRY_S = 5.0      # after a spawner failed to take its identity
+RESOURCE_PAUSE_S = 1.0     # a service stops accepting this long when accept() runs out
 KILL_GRACE_S = 5.0          # after max_duration's SIGTERM, SIGKILL
 WORKER_BACKOFF_S = 0.1      # first restart delay; doubles while workers keep dying young
 WORKER_BACKOFF_MAX_S = 30.0
@@ -386,6 +387,9 @@ class Supervisor:
                 self.log.event("error", "err", service=service.name,
                                msg=f"accept failed: {e.strerror}")
                 if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of fds or memory: the socket stays readable, so watching it
+                    # would spin. Pause the service; connections wait in the backlog.
+                    self._suspend(state, now + RESOURCE_PAUSE_S, reason="resources")
                     return
                 continue
             if state.window is not None:
@@ -426,12 +430,12 @@ class Supervisor:
 
     # -- rate suspension ----------------------------------------------------------
 
-    def _suspend(self, state: ServiceState, until_s: float) -> None:
+    def _suspend(self, state: ServiceState, until_s: float, reason: str = "rate") -> None:
         state.suspended_until_s = until_s
         for lst in state.listeners:
             if lst.sock in self.selector.get_map():
                 self.selector.unregister(lst.sock)
-        self.log.event("suspend", "warning", service=state.service.name, reason="rate",
+        self.log.event("suspend", "warning", service=state.service.name, reason=reason,
                        pause=f"{until_s - time.monotonic():.3f}s")
 
     def _resume_due_services(self) -> None:

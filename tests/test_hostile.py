@@ -27,6 +27,7 @@ import random
 import signal
 import socket
 import struct
+import subprocess
 import textwrap
 import threading
 import time
@@ -772,3 +773,44 @@ def test_writable_config_on_reload_keeps_the_running_one(
     with connect(port) as s:
         assert recv_all(s).endswith(b"\r\n")
     assert not sink.find(event="listen", service="extra")
+
+
+def test_out_of_fds_pauses_the_service_instead_of_spinning(
+        start_netd: Callable[..., Netd], sink: SyslogSink) -> None:
+    """accept() failing with EMFILE leaves the socket readable: netd must pause the
+    service (event=suspend reason=resources) and serve again once fds are free."""
+    port = free_port()
+    netd = start_netd(f"""
+        services:
+          hold:
+            listen: tcp://127.0.0.1:{port}
+            exec: [/bin/cat]
+        """)
+    pid = netd.proc.pid
+    # No fd to spare: netd hands each connection on at once, so only a limit at what
+    # it holds already makes accept() fail.
+    limit = len(os.listdir(f"/proc/{pid}/fd"))
+    # The soft limit only: lowering the hard one could not be undone without
+    # CAP_SYS_RESOURCE.
+    subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={limit}:"], check=True, timeout=10)
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(3)]
+    try:
+        event = sink.wait_for(event="suspend", service="hold")
+        assert event["reason"] == "resources"
+        ticks = _cpu_ticks(pid)
+        time.sleep(0.5)
+        assert _cpu_ticks(pid) - ticks < 25, "netd spins while out of fds"
+    finally:
+        for c in clients:
+            c.close()
+    subprocess.run(["prlimit", f"--pid={pid}", "--nofile=4096:"], check=True, timeout=10)
+    sink.wait_for(event="resume", service="hold")
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"back\n")
+        assert s.recv(16) == b"back\n"
+
+
+def _cpu_ticks(pid: int) -> int:
+    """utime + stime of a process, in clock ticks."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])

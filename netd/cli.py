@@ -156,9 +156,10 @@ def serve(config: Config, passed: dict[int, str], report: Report) -> int:
         supervisor = Supervisor(config, log, Notifier(), passed)
         try:
             supervisor.bind_all()
-        except BindError as e:
-            log.event("error", "err", msg=e.strerror)
-            report(EX_OSERR, e.strerror or str(e))
+        except OSError as e:  # BindError says which address; others name their file
+            message = e.strerror if isinstance(e, BindError) and e.strerror else str(e)
+            log.event("error", "err", msg=message)
+            report(EX_OSERR, message)
             return EX_OSERR
         report(EX_OK, str(os.getpid()))
         return supervisor.run()

@@ -68,10 +68,14 @@ def _clear_stale_unix(address: Address) -> None:
 
 def set_file_owner(path: str, uid: int | None, gid: int | None, mode: int | None) -> None:
     """Give a Unix socket file its configured owner, group and mode."""
-    if uid is not None or gid is not None:
-        os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
-    if mode is not None:
-        os.chmod(path, mode)
+    try:
+        if uid is not None or gid is not None:
+            os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
+        if mode is not None:
+            os.chmod(path, mode)
+    except OSError as e:
+        raise BindError(e.errno, f"cannot give {path} its owner and mode: {e.strerror}") \
+            from None
 
 
 def remove_unix(address: Address) -> None:

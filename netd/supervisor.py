@@ -186,7 +186,12 @@ class Supervisor:
             sock = bind(address, service.backlog, blocking)
             if address.path is not None:
                 perms = service.socket_file
-                set_file_owner(address.path, perms.uid, perms.gid, perms.mode)
+                try:
+                    set_file_owner(address.path, perms.uid, perms.gid, perms.mode)
+                except OSError:
+                    sock.close()
+                    remove_unix(address)
+                    raise
         sock.setblocking(blocking)
         lst = Listener(service.name, address, sock, describe(sock.getsockname(), sock.family),
                        adopted=adopted)

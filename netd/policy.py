@@ -301,7 +301,7 @@ def decide(access: AccessList, limits: Limits, counters: Counters, peer: Peer,
     """Accept or Refuse a connection from `peer`; all_children counts every service's."""
     # The most specific reason wins: access, per_source, instances, max_children.
     permitted = (access.permits_unix(peer.uid, peer.gid) if isinstance(peer, UnixPeer)
-                 else access.permits_ip(peer))
+                 else not access.restricts_ip or access.permits_ip(peer))
     if not permitted:
         return Refuse("access")
     per_source = limits.per_source

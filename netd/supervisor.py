@@ -419,7 +419,8 @@ class Supervisor:
         if isinstance(decision, Refuse):
             self._refuse(service, peer, decision.reason)
             return
-        source = source_key(who)
+        # Counted per source only where a per_source limit reads it (parsing costs).
+        source = source_key(who) if service.limits.per_source is not None else None
         state.counters.started(source)
         if not self._start(service, listener, conn, peer, remote, True, source):
             state.counters.ended(source)

@@ -275,3 +275,17 @@ def recv_all(s: socket.socket, limit: int = 1 << 20) -> bytes:
         chunks.append(data)
         size += len(data)
     return b"".join(chunks)
+
+
+def output(result: subprocess.CompletedProcess[str]) -> str:
+    """A finished command's exit code, stdout and stderr, for assertion messages."""
+    return f"exit {result.returncode}\n--- stdout\n{result.stdout}--- stderr\n{result.stderr}"
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> None:
+    """Poll `predicate` until true; fail naming `what` after timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() >= deadline:
+            pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(0.01)

@@ -23,6 +23,7 @@ from conftest import (
     connect,
     free_port,
     netd_env,
+    output,
     recv_all,
     run_netd,
     write_config,
@@ -31,10 +32,6 @@ from conftest import (
 EX_USAGE = 64
 EX_OSERR = 71
 EX_CONFIG = 78
-
-
-def output(result: subprocess.CompletedProcess[str]) -> str:
-    return f"exit {result.returncode}\n--- stdout\n{result.stdout}--- stderr\n{result.stderr}"
 
 
 def project_version() -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Netd, connect, free_port, recv_all, run_netd
+from conftest import REPO, Netd, connect, free_port, output, recv_all, run_netd
 
 EX_CONFIG = 78
 ERROR_LINE = re.compile(r"^(?P<file>.+?):(?P<line>\d+): (?P<rest>.*)$")
@@ -59,10 +59,6 @@ def check(config: Path, cwd: Path, env: dict[str, str] | None = None,
           timeout_s: float = 30.0) -> subprocess.CompletedProcess[str]:
     """Run `netd check -c CONFIG` from `cwd`."""
     return run_netd("check", "-c", str(config), cwd=cwd, env=env, timeout_s=timeout_s)
-
-
-def output(result: subprocess.CompletedProcess[str]) -> str:
-    return f"exit {result.returncode}\n--- stdout\n{result.stdout}--- stderr\n{result.stderr}"
 
 
 def check_ok(config: Path, cwd: Path, env: dict[str, str] | None = None) -> str:

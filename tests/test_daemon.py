@@ -16,7 +16,7 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,26 +28,15 @@ from conftest import (
     connect,
     free_port,
     netd_env,
+    output,
     recv_all,
     run_netd,
+    wait_until,
 )
 
 EX_NOT_RUNNING = 3
 EX_OSERR = 71
 EX_CONFIG = 78
-
-
-def output(result: subprocess.CompletedProcess[str]) -> str:
-    return f"exit {result.returncode}\n--- stdout\n{result.stdout}--- stderr\n{result.stderr}"
-
-
-def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> None:
-    """Poll `predicate` until true; fail naming `what` after timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.02)
 
 
 def wait_for_count(sink: SyslogSink, count: int, **match: str) -> None:

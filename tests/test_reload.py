@@ -11,9 +11,7 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -25,25 +23,14 @@ from conftest import (
     SyslogSink,
     connect,
     free_port,
+    output,
     recv_all,
     run_netd,
+    wait_until,
     write_config,
 )
 
 EX_CONFIG = 78
-
-
-def output(result: subprocess.CompletedProcess[str]) -> str:
-    return f"exit {result.returncode}\n--- stdout\n{result.stdout}--- stderr\n{result.stderr}"
-
-
-def wait_until(predicate: Callable[[], bool], what: str, timeout_s: float = WAIT_S) -> None:
-    """Poll `predicate` until true; fail naming `what` after timeout_s."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() >= deadline:
-            pytest.fail(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.01)
 
 
 def listening_inode(port: int) -> int:

@@ -26,16 +26,13 @@ from conftest import (
     connect,
     free_port,
     netd_env,
+    output,
     recv_all,
     run_netd,
     write_config,
 )
 
 EX_CONFIG = 78
-
-
-def output(result: subprocess.CompletedProcess[str]) -> str:
-    return f"exit {result.returncode}\n--- stdout\n{result.stdout}--- stderr\n{result.stderr}"
 
 
 def monotonic_usec() -> int:

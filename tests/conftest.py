@@ -256,12 +256,20 @@ def run_netd(*args: str, env: dict[str, str] | None = None, cwd: Path | None = N
                           text=True, env=netd_env(env), cwd=cwd, timeout=timeout_s)
 
 
-def connect(port: int, host: str = "127.0.0.1", timeout_s: float = WAIT_S) -> socket.socket:
-    """A TCP connection to host:port with a timeout on every operation."""
+def connect(port: int, host: str = "127.0.0.1", timeout_s: float = WAIT_S,
+            source: str | None = None) -> socket.socket:
+    """A TCP connection to host:port (from the address `source`, any of 127/8 or ::1,
+    when given) with a timeout on every operation."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     s = socket.socket(family, socket.SOCK_STREAM)
     s.settimeout(timeout_s)
-    s.connect((host, port))
+    try:
+        if source is not None:
+            s.bind((source, 0))
+        s.connect((host, port))
+    except OSError:
+        s.close()
+        raise
     return s
 
 

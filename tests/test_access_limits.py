@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Netd, SyslogSink, free_port, free_tcp_udp_port, recv_all
+from conftest import REPO, Netd, SyslogSink, connect, free_port, free_tcp_udp_port, recv_all
 
 IS_ROOT = os.geteuid() == 0
 PY = "/usr/bin/python3"
@@ -33,20 +33,6 @@ HOLD = "[/bin/sh, -c, 'echo up; read x; echo bye']"
 
 # -- helpers -------------------------------------------------------------------------
 
-
-def client(port: int, source: str = "127.0.0.1", host: str = "127.0.0.1",
-           timeout_s: float = WAIT_S) -> socket.socket:
-    """A TCP connection to host:port from `source` (any 127/8 address, or ::1)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    s = socket.socket(family, socket.SOCK_STREAM)
-    s.settimeout(timeout_s)
-    try:
-        s.bind((source, 0))
-        s.connect((host, port))
-    except OSError:
-        s.close()
-        raise
-    return s
 
 
 def peer_of(s: socket.socket) -> str:
@@ -144,21 +130,21 @@ def test_ipv4_allow_and_deny_deny_wins(start_netd: Callable[..., Netd],
             access: {{allow: [127.0.0.3/32]}}
         """)
     before = children_of(netd.proc.pid)
-    with client(port, "127.0.0.2") as denied:
+    with connect(port, source="127.0.0.2") as denied:
         assert refused_by_close(denied)
         denied_peer = peer_of(denied)
     event = sink.wait_for(event="refuse", service="echo", peer=denied_peer)
     assert event["reason"] == "access"
     for source in ("127.0.0.1", "127.0.0.3"):
-        with client(port, source) as ok:
+        with connect(port, source=source) as ok:
             assert echo_round(ok, b"hello\n") == b"hello\n"
             sink.wait_for(event="accept", service="echo", peer=peer_of(ok))
-    with client(only3, "127.0.0.1") as outside:
+    with connect(only3, source="127.0.0.1") as outside:
         assert refused_by_close(outside)
         outside_peer = peer_of(outside)
         assert sink.wait_for(event="refuse", service="only3",
                              peer=outside_peer)["reason"] == "access"
-    with client(only3, "127.0.0.3") as inside:
+    with connect(only3, source="127.0.0.3") as inside:
         assert echo_round(inside, b"x\n") == b"x\n"
     # A refusal costs no fork: no accept for the refused peers, no new child.
     assert not sink.find(event="accept", peer=denied_peer)
@@ -184,14 +170,14 @@ def test_v4_mapped_entry_matches_a_plain_ipv4_client(start_netd: Callable[..., N
             builtin: echo
             access: {{allow: ['::ffff:127.0.0.0/104'], deny: ['::ffff:127.0.0.10/127']}}
         """)
-    with client(port, "127.0.0.9") as denied:
+    with connect(port, source="127.0.0.9") as denied:
         assert refused_by_close(denied)
         assert sink.wait_for(event="refuse", peer=peer_of(denied))["reason"] == "access"
-    with client(port, "127.0.0.8") as ok:
+    with connect(port, source="127.0.0.8") as ok:
         assert echo_round(ok, b"a\n") == b"a\n"
-    with client(mapped_net, "127.0.0.8") as ok:
+    with connect(mapped_net, source="127.0.0.8") as ok:
         assert echo_round(ok, b"b\n") == b"b\n"
-    with client(mapped_net, "127.0.0.11") as denied:
+    with connect(mapped_net, source="127.0.0.11") as denied:
         assert refused_by_close(denied)
         assert sink.wait_for(event="refuse", peer=peer_of(denied))["reason"] == "access"
 
@@ -212,17 +198,17 @@ def test_v4_mapped_client_from_a_proxy_header_is_matched_as_ipv4(
             access: {{deny: [127.0.0.2]}}
             limits: {{per_source: 1}}
         """)
-    with client(port) as s:
+    with connect(port) as s:
         s.sendall(b"PROXY TCP6 ::ffff:127.0.0.2 ::1 40001 80\r\n")
         assert refused_by_close(s)
     event = sink.wait_for(event="refuse", service="behind", reason="access")
     assert "127.0.0.2" in event["peer"] and "40001" in event["peer"], event
     # per_source: a v4-mapped 127.0.0.5 and a plain 127.0.0.5 are one source.
-    first = client(port)
+    first = connect(port)
     try:
         first.sendall(b"PROXY TCP4 127.0.0.5 127.0.0.1 40002 80\r\n")
         wait_up(first)
-        with client(port) as second:
+        with connect(port) as second:
             second.sendall(b"PROXY TCP6 ::ffff:127.0.0.5 ::1 40003 80\r\n")
             assert refused_by_close(second)
         sink.wait_for(event="refuse", service="behind", reason="per_source")
@@ -250,11 +236,11 @@ def test_ipv6_allow_and_deny(start_netd: Callable[..., Netd], sink: SyslogSink) 
             builtin: echo
             access: {{allow: ['::/0'], deny: ['2001:db8::/32', 127.0.0.1]}}
         """)
-    with client(port, "::1", host="::1") as denied:
+    with connect(port, source="::1", host="::1") as denied:
         assert refused_by_close(denied)
         event = sink.wait_for(event="refuse", service="closed6", peer=peer_of(denied))
         assert event["reason"] == "access"
-    with client(other, "::1", host="::1") as ok:
+    with connect(other, source="::1", host="::1") as ok:
         assert echo_round(ok, b"six\n") == b"six\n"
         sink.wait_for(event="accept", service="open6", peer=peer_of(ok))
     assert not sink.find(event="accept", service="closed6")
@@ -339,14 +325,14 @@ def test_instances_refuse_and_fall_back_when_children_exit(
             exec: {HOLD}
             limits: {{instances: 2}}
         """)
-    held = [client(port), client(port)]
+    held = [connect(port), connect(port)]
     try:
         for s in held:
             wait_up(s)
         wait_count(sink, 2, event="accept", service="held")
         kids = children_of(netd.proc.pid)
         for _ in range(3):
-            with client(port, "127.0.0.4") as extra:
+            with connect(port, source="127.0.0.4") as extra:
                 assert refused_by_close(extra)
         refusals = wait_count(sink, 3, event="refuse", service="held")
         assert {e["reason"] for e in refusals} == {"instances"}
@@ -354,7 +340,7 @@ def test_instances_refuse_and_fall_back_when_children_exit(
         assert children_of(netd.proc.pid) == kids  # no fork for a refusal
         release(held.pop(0))
         wait_count(sink, 1, event="exit", service="held")
-        again = client(port, "127.0.0.4")
+        again = connect(port, source="127.0.0.4")
         held.append(again)
         wait_up(again)
         # (A spawner reports the pid after the child may already have spoken.)
@@ -377,20 +363,20 @@ def test_per_source_refuses_one_source_not_others(start_netd: Callable[..., Netd
             exec: {HOLD}
             limits: {{per_source: 1, instances: 10}}
         """)
-    first = client(port, "127.0.0.1")
+    first = connect(port, source="127.0.0.1")
     others: list[socket.socket] = []
     try:
         wait_up(first)
-        with client(port, "127.0.0.1") as second:
+        with connect(port, source="127.0.0.1") as second:
             assert refused_by_close(second)
             event = sink.wait_for(event="refuse", service="held", peer=peer_of(second))
             assert event["reason"] == "per_source"
         for source in ("127.0.0.2", "127.0.0.3"):
-            others.append(client(port, source))
+            others.append(connect(port, source=source))
             wait_up(others[-1])
         release(first)
         sink.wait_for(event="exit", service="held")
-        first = client(port, "127.0.0.1")
+        first = connect(port, source="127.0.0.1")
         wait_up(first)
     finally:
         for s in [first, *others]:
@@ -417,18 +403,18 @@ def test_max_children_is_global_across_services(tmp_path: Path,
             listen: tcp://127.0.0.1:{b}
             exec: {HOLD}
         """)
-    held = [client(a), client(b)]
+    held = [connect(a), connect(b)]
     try:
         for s in held:
             wait_up(s)
         for port, name in ((a, "a"), (b, "b")):
-            with client(port) as extra:
+            with connect(port) as extra:
                 assert refused_by_close(extra)
                 event = sink.wait_for(event="refuse", service=name, peer=peer_of(extra))
                 assert event["reason"] == "max_children"
         release(held.pop())
         sink.wait_for(event="exit", service="b")
-        held.append(client(a))
+        held.append(connect(a))
         wait_up(held[-1])
     finally:
         for s in held:
@@ -449,7 +435,7 @@ def test_rate_suspends_then_resumes_and_serves_every_queued_connection(
             builtin: echo
             limits: {{rate: 3/s, rate_pause: 500ms}}
         """)
-    clients = [client(port) for _ in range(8)]
+    clients = [connect(port) for _ in range(8)]
     try:
         for i, s in enumerate(clients):
             s.sendall(f"line {i}\n".encode())
@@ -499,7 +485,7 @@ def test_refusals_are_counted_and_cost_no_fork(start_netd: Callable[..., Netd],
         """)
     before = children_of(netd.proc.pid)
     for _ in range(50):
-        with client(port) as s:
+        with connect(port) as s:
             assert refused_by_close(s)
     wait_count(sink, 50, event="refuse", service="closed", reason="access")
     assert children_of(netd.proc.pid) == before
@@ -557,9 +543,9 @@ def test_workers_mode_obeys_access_or_refuses_the_config(
         return
     try:
         sink.wait_for(event="worker", service="pooled")
-        with client(port, "127.0.0.3") as ok:
+        with connect(port, source="127.0.0.3") as ok:
             assert echo_round(ok, b"ok\n") == b"ok\n"
-        with client(port, "127.0.0.2") as denied:
+        with connect(port, source="127.0.0.2") as denied:
             try:
                 denied.sendall(b"should not echo\n")
                 got = denied.recv(100)
@@ -595,7 +581,7 @@ def test_idle_timeout_closes_builtin_and_python_handlers(
             timeout: 1s
         """, env={"PYTHONPATH": f"{REPO}:{tmp_path}"})
     for port, name in ((echo, "echo"), (py, "py")):
-        with client(port) as s:
+        with connect(port) as s:
             s.settimeout(8)
             assert recv_all(s) == b""
         sink.wait_for(event="close", service=name, reason="timeout")
@@ -618,7 +604,7 @@ def test_max_duration_sigterm_then_sigkill(start_netd: Callable[..., Netd],
             exec: [/bin/sh, -c, 'trap "" TERM; echo up; while :; do sleep 0.2; done']
             max_duration: 1s
         """)
-    with client(polite) as p, client(stubborn) as s:
+    with connect(polite) as p, connect(stubborn) as s:
         s.settimeout(15)
         wait_up(p)
         wait_up(s)

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Netd, SyslogSink, free_port, recv_all
+from conftest import Netd, SyslogSink, connect, free_port, recv_all
 
 WAIT_S = 10.0
 HOLD = "[/bin/sh, -c, 'echo up; read x; echo bye']"
@@ -105,19 +105,6 @@ def haproxy(tmp_path: Path) -> Iterator[Callable[[list[tuple[str, int, str]]], H
         h.stop()
 
 
-def client(port: int, source: str, host: str = "127.0.0.1") -> socket.socket:
-    """A connection to host:port from the address `source`."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    s = socket.socket(family, socket.SOCK_STREAM)
-    s.settimeout(WAIT_S)
-    try:
-        s.bind((source, 0))
-        s.connect((host, port))
-    except OSError:
-        s.close()
-        raise
-    return s
-
 
 def refused_by_close(s: socket.socket) -> bool:
     """True when the connection ended without a byte from the service."""
@@ -165,7 +152,7 @@ def test_real_client_address_reaches_env_logs_and_access(
              (f"127.0.0.1:{fronts[1]}", guarded, SEND[version]),
              (f"127.0.0.1:{fronts[2]}", cat, SEND[version])])
 
-    with client(fronts[0], "127.0.0.2") as s:
+    with connect(fronts[0], source="127.0.0.2") as s:
         client_port = s.getsockname()[1]
         env = read_env(s)
     assert env["TCPREMOTEIP"] == "127.0.0.2" and env["TCPREMOTEPORT"] == str(client_port), env
@@ -173,19 +160,19 @@ def test_real_client_address_reaches_env_logs_and_access(
     accept = sink.wait_for(event="accept", service="env")
     assert accept["peer"] == f"127.0.0.2:{client_port}", accept
 
-    with client(fronts[1], "127.0.0.2") as s:
+    with connect(fronts[1], source="127.0.0.2") as s:
         denied_port = s.getsockname()[1]
         assert refused_by_close(s)
     refuse = sink.wait_for(event="refuse", service="guarded")
     assert refuse["reason"] == "access" and refuse["peer"] == f"127.0.0.2:{denied_port}"
-    with client(fronts[1], "127.0.0.3") as s:
+    with connect(fronts[1], source="127.0.0.3") as s:
         assert read_env(s)["TCPREMOTEIP"] == "127.0.0.3"
     served = sink.wait_for(event="accept", service="guarded")  # (logged once the pid is known)
     assert served["peer"].startswith("127.0.0.3:"), served
     assert len(sink.find(event="accept", service="guarded")) == 1
 
     payload = b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n" + bytes(range(256)) * 64
-    with client(fronts[2], "127.0.0.3") as s:
+    with connect(fronts[2], source="127.0.0.3") as s:
         s.sendall(payload)
         s.shutdown(socket.SHUT_WR)
         assert recv_all(s) == payload  # a second header is the client's data, untouched
@@ -210,12 +197,12 @@ def test_limits_count_the_real_client(version: str, start_netd: Callable[..., Ne
         """)
     front = free_port()
     haproxy([(f"127.0.0.1:{front}", port, SEND[version])])
-    first = client(front, "127.0.0.2")
-    other = client(front, "127.0.0.3")
+    first = connect(front, source="127.0.0.2")
+    other = connect(front, source="127.0.0.3")
     try:
         for s in (first, other):
             assert s.recv(3) == b"up\n"
-        with client(front, "127.0.0.2") as second:
+        with connect(front, source="127.0.0.2") as second:
             second_port = second.getsockname()[1]
             assert refused_by_close(second)
         refuse = sink.wait_for(event="refuse", service="held")
@@ -247,7 +234,7 @@ def test_ipv6_client_through_haproxy(version: str, start_netd: Callable[..., Net
             proxy_protocol: {{from: [127.0.0.1]}}
         """)
     haproxy([(f"[::1]:{front}", port, SEND[version])])
-    with client(front, "::1", host="::1") as s:
+    with connect(front, source="::1", host="::1") as s:
         client_port = s.getsockname()[1]
         env = read_env(s)
     assert env["TCPREMOTEIP"] == "::1" and env["TCPREMOTEPORT"] == str(client_port), env
@@ -270,7 +257,7 @@ def test_missing_bad_and_untrusted_headers_are_refused(start_netd: Callable[...,
             exec: [/usr/bin/env]
             proxy_protocol: {{from: [127.0.0.1, 127.0.0.2/32], timeout: 1s}}
         """)
-    with client(port, "127.0.0.1") as silent:
+    with connect(port, source="127.0.0.1") as silent:
         silent.settimeout(8)
         silent_port = silent.getsockname()[1]
         started = time.monotonic()
@@ -279,14 +266,14 @@ def test_missing_bad_and_untrusted_headers_are_refused(start_netd: Callable[...,
     event = sink.wait_for(event="refuse", peer=f"127.0.0.1:{silent_port}")
     assert event["reason"] == "proxy" and "time" in event["msg"], event
 
-    with client(port, "127.0.0.2") as garbage:
+    with connect(port, source="127.0.0.2") as garbage:
         garbage.sendall(b"GET / HTTP/1.0\r\nHost: x\r\n\r\n")
         garbage_port = garbage.getsockname()[1]
         assert refused_by_close(garbage)
     event = sink.wait_for(event="refuse", peer=f"127.0.0.2:{garbage_port}")
     assert event["reason"] == "proxy" and "PROXY" in event["msg"], event
 
-    with client(port, "127.0.0.3") as forger:
+    with connect(port, source="127.0.0.3") as forger:
         forger.sendall(b"PROXY TCP4 127.0.0.1 127.0.0.1 1234 80\r\n")
         forger_port = forger.getsockname()[1]
         assert refused_by_close(forger)

@@ -95,20 +95,15 @@ def parse_logfmt(line: str) -> dict[str, str]:
     return fields
 
 
-class SyslogSink:
-    """A Unix datagram socket standing in for /dev/log, read continuously.
-
-    Each datagram is kept raw (`raw`) and as the logfmt fields of its message
-    (`events`), the message being what follows "netd[PID]: ".
-    """
+class DatagramSink:
+    """A Unix datagram socket owned by the test and read continuously by a thread (its
+    queue holds only about ten datagrams); subclasses keep() what each one says."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
         self.sock.settimeout(0.2)
-        self.raw: list[str] = []
-        self.events: list[dict[str, str]] = []
         self._cond = threading.Condition()
         self._stop = False
         self._thread = threading.Thread(target=self._read, daemon=True)
@@ -122,13 +117,38 @@ class SyslogSink:
                 continue
             except OSError:
                 return
-            text = data.decode("utf-8", "replace")
-            marker = text.find("]: ")
-            message = text[marker + 3 :] if marker >= 0 else text
             with self._cond:
-                self.raw.append(text)
-                self.events.append(parse_logfmt(message.rstrip("\n")))
+                self.keep(data)
                 self._cond.notify_all()
+
+    def keep(self, data: bytes) -> None:
+        """Record one datagram (called with the condition held)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self._stop = True
+        self._thread.join(timeout=2)
+        self.sock.close()
+
+
+class SyslogSink(DatagramSink):
+    """A syslog socket standing in for /dev/log.
+
+    Each datagram is kept raw (`raw`) and as the logfmt fields of its message
+    (`events`), the message being what follows "netd[PID]: ".
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.raw: list[str] = []
+        self.events: list[dict[str, str]] = []
+        super().__init__(path)
+
+    def keep(self, data: bytes) -> None:
+        text = data.decode("utf-8", "replace")
+        marker = text.find("]: ")
+        message = text[marker + 3 :] if marker >= 0 else text
+        self.raw.append(text)
+        self.events.append(parse_logfmt(message.rstrip("\n")))
 
     def wait_for(self, timeout_s: float = WAIT_S, **match: str) -> dict[str, str]:
         """The first event whose fields include all of `match`; fails after timeout_s."""
@@ -148,12 +168,6 @@ class SyslogSink:
         """All events seen so far whose fields include all of `match`."""
         with self._cond:
             return [e for e in self.events if all(e.get(k) == v for k, v in match.items())]
-
-    def close(self) -> None:
-        self._stop = True
-        self._thread.join(timeout=2)
-        self.sock.close()
-
 
 class Netd:
     """A real `netd run` process on a config written by the test."""

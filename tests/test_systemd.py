@@ -12,7 +12,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 from conftest import (
     REPO,
     WAIT_S,
+    DatagramSink,
     Netd,
     SyslogSink,
     connect,
@@ -39,33 +39,17 @@ def monotonic_usec() -> int:
     return int(time.clock_gettime(time.CLOCK_MONOTONIC) * 1e6)
 
 
-class NotifySink:
-    """A NOTIFY_SOCKET: a Unix datagram socket read continuously; each message is kept
-    as a dict of its KEY=VALUE lines, in arrival order."""
+class NotifySink(DatagramSink):
+    """A NOTIFY_SOCKET: each message is kept as a dict of its KEY=VALUE lines, in
+    arrival order."""
 
     def __init__(self, path: Path) -> None:
-        self.path = path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        self.sock.bind(str(path))
-        self.sock.settimeout(0.1)
         self.messages: list[dict[str, str]] = []
-        self._cond = threading.Condition()
-        self._stop = False
-        self._thread = threading.Thread(target=self._read, daemon=True)
-        self._thread.start()
+        super().__init__(path)
 
-    def _read(self) -> None:
-        while not self._stop:
-            try:
-                data = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            fields = dict(line.split("=", 1) for line in data.decode().splitlines() if "=" in line)
-            with self._cond:
-                self.messages.append(fields)
-                self._cond.notify_all()
+    def keep(self, data: bytes) -> None:
+        self.messages.append(dict(line.split("=", 1) for line in data.decode().splitlines()
+                                  if "=" in line))
 
     def wait_for(self, key: str, count: int = 1, timeout_s: float = WAIT_S) -> dict[str, str]:
         """The `count`-th message that carries `key`; fails after timeout_s."""
@@ -95,11 +79,6 @@ class NotifySink:
                     if key in m:
                         kinds.append(key)
         return kinds
-
-    def close(self) -> None:
-        self._stop = True
-        self._thread.join(timeout=2)
-        self.sock.close()
 
 
 @pytest.fixture

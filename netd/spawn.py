@@ -34,12 +34,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from netd.config.identity import RLIMITS
-from netd.config.model import Identity, Service
+from netd.config.model import DEFAULT_PATH, Identity, Service
 from netd.handlers.builtins import BUILTINS
 from netd.handlers.python import load_handler
 from netd.logs import Log
 
-DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 ALL_SIGNALS = tuple(s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP))
 
 
@@ -90,8 +89,7 @@ class Peer:
 
 def exec_env(base_env: dict[str, str], service_name: str, peer: Peer) -> dict[str, str]:
     """A child's whole environment: the config's, the peer's UCSPI variables, NETD_SERVICE."""
-    env = {"PATH": DEFAULT_PATH, **base_env, **peer.ucspi_env(), "NETD_SERVICE": service_name}
-    return env
+    return {"PATH": DEFAULT_PATH, **base_env, **peer.ucspi_env(), "NETD_SERVICE": service_name}
 
 
 def spawn_exec(argv: tuple[str, ...], env: dict[str, str], conn_fd: int, stderr_fd: int) -> int:

@@ -15,6 +15,8 @@ from netd.policy import AccessList, Limits
 
 Scheme = Literal["tcp", "udp", "unix", "unix-dgram"]
 HandlerKind = Literal["builtin", "exec", "python"]
+# A child's PATH when the config gives none; also where a bare program name is looked up.
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 
 
 @dataclass(frozen=True)

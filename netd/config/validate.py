@@ -24,6 +24,7 @@ from netd.config.identity import (
     resolve_user,
 )
 from netd.config.model import (
+    DEFAULT_PATH,
     Address,
     Config,
     DaemonConfig,
@@ -35,12 +36,9 @@ from netd.config.model import (
 )
 from netd.config.yamlsource import Mapping, Sequence, Where, YamlError, load_file
 from netd.handlers.builtins import BUILTINS
+from netd.logs import FACILITIES, SEVERITIES
 from netd.policy import AccessError, AccessList, Limits, parse_rate
 
-FACILITIES = ("kern", "user", "mail", "daemon", "auth", "syslog", "lpr", "news", "uucp",
-              "cron", "authpriv", "ftp", "local0", "local1", "local2", "local3", "local4",
-              "local5", "local6", "local7")
-LEVELS = ("debug", "info", "notice", "warning", "err", "crit", "alert", "emerg")
 TOP_KEYS = ("log", "daemon", "include", "defaults", "services")
 DAEMON_KEYS = ("pidfile", "control", "stop_timeout", "max_children")
 ACCESS_KEYS = ("allow", "deny")
@@ -54,7 +52,6 @@ DEFAULTABLE_KEYS = ("wait", "env", "stderr", "timeout", "max_duration", "backlog
 SERVICE_KEYS = ("listen", *HANDLER_KEYS, "workers", "threads", "socket", "proxy_protocol",
                 *DEFAULTABLE_KEYS)
 SOCKET_KEYS = ("user", "group", "mode")
-DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 DURATION_UNITS_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
@@ -178,8 +175,9 @@ def _log_config(root: Mapping, errors: _Errors) -> LogConfig:
     default = LogConfig()
     to = _choice(log, "to", ("syslog", "stderr", "journal"), "log.to", errors) or default.to
     address = _get(log, "syslog_address", str, "log.syslog_address", errors, "a path or udp://host:port")
-    facility = _choice(log, "facility", FACILITIES, "log.facility", errors) or default.facility
-    level = _choice(log, "level", LEVELS, "log.level", errors) or default.level
+    facility = (_choice(log, "facility", tuple(FACILITIES), "log.facility", errors)
+                or default.facility)
+    level = _choice(log, "level", tuple(SEVERITIES), "log.level", errors) or default.level
     return LogConfig(to=cast(Any, to), syslog_address=address or default.syslog_address,
                      facility=facility, level=level)
 

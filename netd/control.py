@@ -11,8 +11,14 @@ import json
 import os
 import socket
 import struct
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
+
+from netd.config.model import Address
+from netd.firstbytes import FirstBytes
+from netd.logs import Log
+from netd.loop import EventLoop
+from netd.sockets import bind, remove_unix
 
 MAX_REQUEST = 4096
 COMMANDS = ("status", "reload", "stop")
@@ -35,22 +41,12 @@ def peer_uid(conn: socket.socket) -> int:
     return uid
 
 
-@dataclass(eq=False)
 class ControlRequest:
-    """A control connection whose request line is still arriving (read without blocking,
-    so a client that never sends costs one fd until `deadline_s`, never the loop)."""
+    """A control connection whose request line is still arriving."""
 
-    conn: socket.socket
-    deadline_s: float
-    data: bytes = b""
-
-    @classmethod
-    def accept(cls, conn: socket.socket, now_s: float) -> ControlRequest:
-        """Take a new control connection; raises BadRequest for another user."""
-        if peer_uid(conn) not in (0, os.geteuid()):
-            raise BadRequest("permission denied")
-        conn.setblocking(False)
-        return cls(conn, now_s + READ_TIMEOUT_S)
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.data = b""
 
     def read(self) -> str | None:
         """The command once its line is complete, None while it is not; raises BadRequest."""
@@ -73,6 +69,61 @@ class ControlRequest:
         if command not in COMMANDS:
             raise BadRequest(f"unknown command (expected one of {', '.join(COMMANDS)})")
         return str(command)
+
+
+class ControlServer:
+    """The daemon's side of the control socket, served on its event loop.
+
+    `answer(command)` gives the reply to a valid request from netd's own user or root;
+    anything else is refused (logged as event=control) without effect.
+    """
+
+    def __init__(self, loop: EventLoop, path: str, log: Log,
+                 answer: Callable[[str], dict[str, Any]]) -> None:
+        self.loop = loop
+        self.path = path
+        self.log = log
+        self.answer = answer
+        self.sock: socket.socket | None = None
+        self.waiting: FirstBytes[ControlRequest, str] = FirstBytes(
+            loop, MAX_PENDING, self._answer, self._refuse)
+
+    def open(self) -> None:
+        """Bind the socket (mode 0600) and serve it; raises OSError (BindError) on failure."""
+        address = Address(spec="control", scheme="unix", path=self.path)
+        self.sock = bind(address, 16, blocking=False)
+        os.chmod(self.path, 0o600)
+        self.loop.watch(self.sock, self._accept)
+
+    def _accept(self) -> None:
+        assert self.sock is not None
+        try:
+            conn, _ = self.sock.accept()
+        except OSError:
+            return
+        request = ControlRequest(conn)
+        if peer_uid(conn) not in (0, os.geteuid()):
+            self._refuse(request, "permission denied")
+        elif not self.waiting.wait(request, READ_TIMEOUT_S, "no complete request in time"):
+            self._refuse(request, "too many control requests at once")
+
+    def _answer(self, request: ControlRequest, command: str) -> None:
+        with request.conn as conn:
+            send_reply(conn, self.answer(command))
+
+    def _refuse(self, request: ControlRequest, reason: str) -> None:
+        self.log.event("control", "warning", result="refused", reason=reason)
+        with request.conn as conn:
+            send_reply(conn, {"ok": False, "error": reason})
+
+    def close(self) -> None:
+        """Refuse what waits, stop serving and remove the socket file."""
+        self.waiting.fail_all("netd is stopping")
+        if self.sock is not None:
+            self.loop.unwatch(self.sock)
+            self.sock.close()
+            self.sock = None
+            remove_unix(Address(spec="control", scheme="unix", path=self.path))
 
 
 def send_reply(conn: socket.socket, reply: dict[str, Any]) -> None:

@@ -16,6 +16,8 @@ import time
 from collections import deque
 from typing import Protocol
 
+from netd.loop import WRITE, EventLoop
+
 SEVERITIES = {"emerg": 0, "alert": 1, "crit": 2, "err": 3, "warning": 4, "notice": 5,
               "info": 6, "debug": 7}
 FACILITIES = {"kern": 0, "user": 1, "mail": 2, "daemon": 3, "auth": 4, "syslog": 5, "lpr": 6,
@@ -63,6 +65,9 @@ class SyslogTarget:
     def __init__(self, address: str, facility: str) -> None:
         self.address = address
         self.facility = FACILITIES[facility]
+        # Every process of one netd (spawners, workers, handler children) writes the
+        # daemon's pid in the header: netd[PID] names the instance; `pid=` the process.
+        self.pid = os.getpid()
         self.sock = self._connect()
 
     def _connect(self) -> socket.socket:
@@ -85,7 +90,7 @@ class SyslogTarget:
     def send(self, severity: int, event: str, fields: dict[str, object], line: str) -> bool:
         now = time.localtime()
         stamp = time.strftime("%b ", now) + f"{now.tm_mday:2d}" + time.strftime(" %H:%M:%S", now)
-        data = f"<{self.facility * 8 + severity}>{stamp} netd[{os.getpid()}]: {line}".encode()
+        data = f"<{self.facility * 8 + severity}>{stamp} netd[{self.pid}]: {line}".encode()
         try:
             self.sock.send(data)
         except BlockingIOError:
@@ -150,7 +155,7 @@ class Log:
         """Whether events at `level` are logged at all (to skip building their fields)."""
         return SEVERITIES[level] <= self.max_severity
 
-    def event(self, event: str, level: str = "info", **fields: object) -> None:
+    def event(self, event: str, level: str = "info", /, **fields: object) -> None:
         """Log `event` with `fields` at `level` (a syslog severity name)."""
         severity = SEVERITIES[level]
         if severity > self.max_severity:
@@ -184,6 +189,22 @@ class Log:
     def fds(self) -> list[int]:
         """File descriptors the log needs kept open (in forked children)."""
         return [self.target.fileno()] if isinstance(self.target, SyslogTarget) else []
+
+    def pump(self, loop: EventLoop) -> None:
+        """Have `loop` flush the backlog when the target has room (call before each
+        wait: watched only while lines or a count of dropped ones wait)."""
+        waiting = bool(self.backlog) or self.dropped > 0
+        for fd in self.fds():
+            if waiting:
+                loop.watch(fd, self.flush, WRITE)
+            else:
+                loop.unwatch(fd)
+
+    def forked(self, patience_s: float) -> None:
+        """In a freshly forked process: the backlog is the parent's to send. A process
+        with no loop to flush from waits up to `patience_s` for the target instead."""
+        self.backlog.clear()
+        self.patience_s = patience_s
 
 
 def open_log(to: str, syslog_address: str, facility: str, level: str) -> Log:

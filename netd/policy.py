@@ -21,6 +21,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
+from netd.peer import Peer
+
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 RefuseReason = Literal["access", "instances", "per_source", "max_children"]
@@ -250,22 +252,11 @@ class Counters:
         return 0 if source is None else self.by_source.get(source, 0)
 
 
-@dataclass(frozen=True)
-class UnixPeer:
-    """A unix-socket peer's credentials (SO_PEERCRED); None when the kernel gave none."""
-
-    uid: int | None
-    gid: int | None
-
-
-Peer = str | UnixPeer  # an IP address as text, or a unix-socket peer
-
-
 def source_key(peer: Peer) -> str | None:
     """What per_source counts by: the IP (v4-mapped as IPv4), or uid:N for unix peers."""
-    if isinstance(peer, UnixPeer):
+    if peer.remote is None:
         return None if peer.uid is None else f"uid:{peer.uid}"
-    return str(ip_form(peer))
+    return str(ip_form(peer.remote[0]))
 
 
 @dataclass(frozen=True)
@@ -300,8 +291,8 @@ def decide(access: AccessList, limits: Limits, counters: Counters, peer: Peer,
            all_children: int, max_children: int | None) -> Accept | Refuse:
     """Accept or Refuse a connection from `peer`; all_children counts every service's."""
     # The most specific reason wins: access, per_source, instances, max_children.
-    permitted = (access.permits_unix(peer.uid, peer.gid) if isinstance(peer, UnixPeer)
-                 else not access.restricts_ip or access.permits_ip(peer))
+    permitted = (access.permits_unix(peer.uid, peer.gid) if peer.remote is None
+                 else not access.restricts_ip or access.permits_ip(peer.remote[0]))
     if not permitted:
         return Refuse("access")
     per_source = limits.per_source

@@ -4,7 +4,6 @@ taking any of the client's own bytes (they stay in the socket for the child)."""
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass, field
 
 from netd.proxy import Incomplete, ProxyError, ProxyHeader, parse
 
@@ -12,15 +11,14 @@ from netd.proxy import Incomplete, ProxyError, ProxyHeader, parse
 MAX_HEADER = 16 + 65535
 
 
-@dataclass(eq=False)
 class ProxyWait:
-    """A connection whose PROXY header is still arriving; `deadline_s` bounds the wait."""
+    """A connection whose PROXY header is still arriving, from the load balancer at
+    `remote` (read through netd.firstbytes, which bounds the wait)."""
 
-    conn: socket.socket
-    remote: tuple[str, int]
-    listener: object
-    deadline_s: float
-    received: bytes = field(default=b"")
+    def __init__(self, conn: socket.socket, remote: tuple[str, int]) -> None:
+        self.conn = conn
+        self.remote = remote
+        self.received = b""
 
     def read(self) -> ProxyHeader | None:
         """The header once complete (consumed from the socket), None while it is not.

@@ -1,90 +1,35 @@
-"""Starting children: every fork and exec of netd lives here.
+"""Starting processes: every fork and exec of netd lives here, each with its steps
+in order.
 
-Two ways, chosen by what the child runs:
-- exec services go through a Spawner: a small process forked once per identity
-  (user, groups, rlimits, umask, cwd, chroot), which takes that identity for good and
-  then starts each program it is handed with posix_spawn (vfork + exec in the C
-  library). Forking the Python supervisor per connection runs about 1,000/s and slows
-  as the supervisor grows, and CPython falls back to that slow full fork as soon as a
-  spawn must change user; this way nothing changes identity per connection, the
-  supervisor never forks per connection, and the spawn itself runs beside the
-  supervisor's loop on another core. The supervisor hands the spawner the
-  connection's fd over a Unix socket (SCM_RIGHTS); the spawner reports each
-  program's pid and exit status back, so limits and event=exit stay exact;
-- builtin and python services need the supervisor's code, so they fork; the child
-  resets signals, closes every fd but its connection and the log, takes the
-  service's identity, and never returns into the supervisor's loop (os._exit).
+- A long-lived helper (a spawner, a prefork worker) is forked once from the
+  supervisor: it resets signals, keeps only the fds it needs, takes its identity
+  (limits, file system view, groups, user) for good, then runs its main function.
+- An exec child is started by a spawner with posix_spawn (vfork + exec in the C
+  library): forking a Python process per connection runs about 1,000/s and slows as
+  the process grows, and CPython's fast spawn refuses to change user; a spawner has
+  already taken the identity, so nothing changes identity per connection.
+- A python handler child is forked by a spawner per connection: it needs netd's code.
+
+Nothing forked ever returns into its parent's loop (os._exit).
 """
 
 from __future__ import annotations
 
-import array
 import ctypes
-import json
 import os
 import resource
-import selectors
 import signal
 import socket
-import struct
 import traceback
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 from netd.config.identity import RLIMITS
 from netd.config.model import DEFAULT_PATH, Identity, Service
-from netd.handlers.builtins import BUILTINS
 from netd.handlers.python import load_handler
 from netd.logs import Log
+from netd.peer import Peer
 
 ALL_SIGNALS = tuple(s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP))
-
-
-@dataclass(frozen=True)
-class Peer:
-    """Who is on the other end of a connection and where it came in."""
-
-    proto: str
-    remote: tuple[str, int] | None = None
-    local: tuple[str, int] | None = None
-    local_path: str | None = None
-    pid: int | None = None
-    uid: int | None = None
-    gid: int | None = None
-
-    @classmethod
-    def of(cls, conn: socket.socket, proto: str, remote: object) -> Peer:
-        """The peer of an accepted (or wait-mode) socket."""
-        if conn.family == socket.AF_UNIX:
-            local_path = conn.getsockname() or None
-            if proto == "unix" and remote is not None:
-                creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
-                                        struct.calcsize("3i"))
-                pid, uid, gid = struct.unpack("3i", creds)
-                return cls(proto, local_path=local_path, pid=pid, uid=uid, gid=gid)
-            return cls(proto, local_path=local_path)
-        local = conn.getsockname()[:2]
-        ip_remote = (str(remote[0]), int(remote[1])) if isinstance(remote, tuple) else None
-        return cls(proto, remote=ip_remote, local=(local[0], local[1]))
-
-    def ucspi_env(self) -> dict[str, str]:
-        """The UCSPI variables (tcpserver, ucspi-unix) describing this peer."""
-        if self.local_path is not None or self.proto.startswith("unix"):
-            env = {"PROTO": "UNIX"}
-            if self.local_path:
-                env["UNIXLOCALPATH"] = self.local_path
-            if self.pid is not None:
-                env.update(UNIXREMOTEPID=str(self.pid), UNIXREMOTEEUID=str(self.uid),
-                           UNIXREMOTEEGID=str(self.gid))
-            return env
-        prefix = "TCP" if self.proto == "tcp" else "UDP"
-        env = {"PROTO": prefix}
-        for side, address in (("LOCAL", self.local), ("REMOTE", self.remote)):
-            if address is not None:
-                env[f"{prefix}{side}IP"], env[f"{prefix}{side}PORT"] = address[0], str(address[1])
-        return env
 
 
 def exec_env(base_env: dict[str, str], service_name: str, peer: Peer) -> dict[str, str]:
@@ -95,7 +40,7 @@ def exec_env(base_env: dict[str, str], service_name: str, peer: Peer) -> dict[st
 def spawn_exec(argv: tuple[str, ...], env: dict[str, str], conn_fd: int, stderr_fd: int) -> int:
     """Start argv with conn_fd as stdin and stdout; returns the child's pid.
 
-    Every other fd of the supervisor is close-on-exec (Python's default), so the
+    Every other fd of its parent is close-on-exec (Python's default), so the
     program holds exactly 0, 1 and 2. It gets default signal dispositions, an empty
     signal mask and its own session, so a Ctrl-C at netd's terminal reaches netd only.
     """
@@ -112,12 +57,29 @@ def spawn_exec(argv: tuple[str, ...], env: dict[str, str], conn_fd: int, stderr_
     )
 
 
-def fork_child(run: Callable[[], None], keep_fds: list[int], log: Log, service_name: str,
-               identity: Identity) -> int:
-    """Fork a child that takes `identity`, calls run() and exits; returns its pid.
+def fork_helper(main: Callable[[], None], keep_fds: list[int], identity: Identity) -> int:
+    """Fork a long-lived helper (a spawner, a prefork worker) that takes `identity`
+    and runs main(); returns its pid. It leaves with status 0 when main() returns,
+    1 when it raised, and never returns into the caller."""
+    pid = os.fork()
+    if pid:
+        return pid
+    status = 1
+    try:
+        _become_clean_child(keep_fds)
+        become(identity)
+        main()
+        status = 0
+    finally:
+        os._exit(status)
 
-    The child's exit status says how it went: 0 done, 1 the handler raised (logged
-    with its traceback). It never returns into the caller.
+
+def fork_handler(run: Callable[[], None], keep_fds: list[int], log: Log,
+                 service_name: str) -> int:
+    """Fork the child that runs a python handler on one connection; returns its pid.
+
+    It already has its identity (its parent, a spawner, took it). The exit status says
+    how it went: 0 done, 1 the handler raised (logged with its traceback).
     """
     pid = os.fork()
     if pid:
@@ -125,16 +87,14 @@ def fork_child(run: Callable[[], None], keep_fds: list[int], log: Log, service_n
     status = 1
     try:
         _become_clean_child(keep_fds)
-        log.backlog.clear()  # the supervisor's, not ours to send
-        log.patience_s = 1.0
-        become(identity)
+        log.forked(patience_s=1.0)
         run()
         status = 0
     except (ConnectionError, TimeoutError) as e:
         # The peer went away or fell silent: the end of a connection, not a fault.
         log.event("close", "info", service=service_name, pid=os.getpid(), reason=_reason(e))
         status = 0
-    except BaseException as e:  # the child must never fall back into the supervisor
+    except BaseException as e:  # the child must never fall back into its parent's loop
         log.event("error", "err", service=service_name, pid=os.getpid(),
                   msg=f"handler raised {type(e).__name__}: {e}",
                   traceback="".join(traceback.format_exception(e)).rstrip())
@@ -188,142 +148,17 @@ def become(identity: Identity) -> None:
     os.setresuid(identity.uid, identity.uid, identity.uid)
 
 
-class Spawner:
-    """A process that holds one identity and posix_spawns programs for the supervisor.
-
-    `request()` hands it a program and fds; `events()` reads back what happened:
-    {"token", "pid"} when a program started, {"token", "error"} when it could not,
-    {"exit": pid, "status": waitstatus} when one ended. A request the socket cannot
-    take now (the spawner is behind) is `held`, with copies of its fds, until flush()
-    gets it through; meanwhile the supervisor stops accepting for this spawner.
-    """
-
-    def __init__(self, identity: Identity, keep_fds: list[int]) -> None:
-        self.identity = identity
-        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        pid = os.fork()
-        if pid == 0:
-            self.sock.close()
-            _spawner_main(theirs, identity, keep_fds)
-        theirs.close()
-        self.pid = pid
-        self.sock.setblocking(False)
-        self.held: deque[tuple[bytes, array.array[int]]] = deque()
-
-    def request(self, token: int, argv: tuple[str, ...], env: dict[str, str], conn_fd: int,
-                stderr_fd: int) -> None:
-        """Ask for argv to be started on conn_fd; the answer comes through events()."""
-        message = json.dumps({"token": token, "argv": argv, "env": env}).encode()
-        fds = array.array("i", [conn_fd, stderr_fd])
-        if not self.held:
-            try:
-                self._send(message, fds)
-                return
-            except BlockingIOError:
-                pass
-        # The caller closes its fds when we return: keep our own copies until sent.
-        self.held.append((message, array.array("i", [os.dup(fd) for fd in fds])))
-
-    def flush(self) -> None:
-        """Send what is held, in order, until the socket is full again."""
-        while self.held:
-            message, fds = self.held[0]
-            try:
-                self._send(message, fds)
-            except BlockingIOError:
-                return
-            self.held.popleft()
-            for fd in fds:
-                os.close(fd)
-
-    def _send(self, message: bytes, fds: array.array[int]) -> None:
-        self.sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, fds)])
-
-    def events(self) -> list[dict[str, Any]] | None:
-        """What the spawner reported since the last call; None once it has gone."""
-        found: list[dict[str, Any]] = []
-        while True:
-            try:
-                data = self.sock.recv(65536)
-            except BlockingIOError:
-                return found
-            except OSError:
-                data = b""
-            if not data:
-                return None if not found else found
-            found.append(json.loads(data))
-
-    def close(self) -> None:
-        """Tell the spawner to leave (it exits when its socket closes)."""
-        self.sock.close()
-        for _, fds in self.held:
-            for fd in fds:
-                os.close(fd)
-        self.held.clear()
-
-
-def _spawner_main(sock: socket.socket, identity: Identity, keep_fds: list[int]) -> None:
-    """The spawner's whole life: take the identity, then serve requests until EOF."""
-    status = 1
+def signal_group(pid: int, sig: int) -> None:
+    """Signal a child and what it started: every child leads its own session and group."""
     try:
-        _become_clean_child([sock.fileno(), *keep_fds])
-        become(identity)
-        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
-        signal.signal(signal.SIGCHLD, lambda signum, frame: None)
-        selector = selectors.DefaultSelector()
-        selector.register(sock, selectors.EVENT_READ)
-        selector.register(wake_r, selectors.EVENT_READ)
-        while True:
-            for key, _ in selector.select():
-                if key.fileobj == wake_r:
-                    os.read(wake_r, 256)
-                    _report_exits(sock)
-                elif not _spawn_requested(sock):
-                    status = 0
-                    return
-    except BaseException as e:  # report, then leave: never run the supervisor's code
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+    except PermissionError:
         try:
-            sock.send(json.dumps({"fatal": f"{type(e).__name__}: {e}"}).encode())
-        except OSError:
+            os.kill(pid, sig)
+        except ProcessLookupError:
             pass
-    finally:
-        os._exit(status)
-
-
-def _spawn_requested(sock: socket.socket) -> bool:
-    """Start the program of one request; False when the supervisor has gone."""
-    fds = array.array("i")
-    # MSG_CMSG_CLOEXEC: the received fds must not leak into the program beyond 0-2.
-    data, ancdata, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(2 * fds.itemsize),
-                                       socket.MSG_CMSG_CLOEXEC)
-    if not data:
-        return False
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
-    request = json.loads(data)
-    try:
-        pid = spawn_exec(tuple(request["argv"]), request["env"], fds[0], fds[1])
-        reply: dict[str, Any] = {"token": request["token"], "pid": pid}
-    except OSError as e:
-        reply = {"token": request["token"], "error": str(e)}
-    finally:
-        for fd in fds:
-            os.close(fd)
-    sock.send(json.dumps(reply).encode())
-    return True
-
-
-def _report_exits(sock: socket.socket) -> None:
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return
-        if pid == 0:
-            return
-        sock.send(json.dumps({"exit": pid, "status": status}).encode())
 
 
 PR_SET_PDEATHSIG = 1
@@ -349,12 +184,8 @@ def _prctl(option: int, value: int) -> None:
         raise OSError(ctypes.get_errno(), f"prctl({option}) failed")
 
 
-def serve_connection(service: Service, conn: socket.socket, remote: object) -> None:
-    """In the child: run the service's builtin or python handler on `conn`."""
+def serve_python(service: Service, conn: socket.socket, remote: object) -> None:
+    """In a handler child: call the service's python handler on `conn`."""
+    assert service.python is not None
     conn.settimeout(service.timeout_s)
-    if service.kind == "builtin":
-        assert service.builtin is not None
-        BUILTINS[service.builtin].stream(conn)
-    else:
-        assert service.python is not None
-        load_handler(service.python)(conn, remote)
+    load_handler(service.python)(conn, remote)

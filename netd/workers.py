@@ -22,7 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from netd.config import Service
-from netd.handlers.async_builtins import ASYNC_STREAMS
+from netd.handlers.async_builtins import serve_stream
+from netd.handlers.builtins import BUILTINS
 from netd.handlers.python import load_handler
 from netd.logs import Log
 from netd.sockets import describe
@@ -34,7 +35,7 @@ def run_worker(service: Service, sockets: list[socket.socket], log: Log) -> None
     # A worker left behind by a supervisor killed with SIGKILL would go on accepting
     # on its sockets for ever: have the kernel SIGTERM it when the supervisor dies.
     die_with_parent(signal.SIGTERM)
-    log.patience_s = 0.0  # never stall every connection of this worker on a slow syslog
+    log.forked(patience_s=0.0)  # never stall every connection of this worker on a slow syslog
     asyncio.run(_serve_all(service, sockets, log))
 
 
@@ -78,11 +79,11 @@ def _server(service: Service, log: Log,
     sync_handler: Callable[[socket.socket, Any], Any] | None = None
     if service.kind == "builtin":
         assert service.builtin is not None
-        builtin = ASYNC_STREAMS[service.builtin]
+        stream = BUILTINS[service.builtin].stream
 
         async def serve_builtin(reader: asyncio.StreamReader,
                                 writer: asyncio.StreamWriter) -> None:
-            await builtin(reader, writer, service.timeout_s)
+            await serve_stream(stream, reader, writer, service.timeout_s)
 
         async_handler = serve_builtin
     else:

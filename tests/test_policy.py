@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from netd.peer import Peer
 from netd.policy import (
     Accept,
     AccessError,
@@ -26,13 +27,14 @@ from netd.policy import (
     RateWindow,
     Refuse,
     Suspend,
-    UnixPeer,
     check_rate,
     decide,
     parse_rate,
     source_key,
 )
 
+ip = Peer.from_ip
+unix = Peer.from_creds
 PROPERTY = settings(max_examples=200, deadline=None)
 ROOT_GROUP = grp.getgrgid(0).gr_name
 NOBODY = pwd.getpwnam("nobody")
@@ -226,7 +228,7 @@ def test_a_v4_mapped_peer_is_its_ipv4_self(allow: list[str], deny: list[str],
                                            address: ipaddress.IPv4Address) -> None:
     access = AccessList.parse(allow, deny)
     assert access.permits_ip(str(address)) is access.permits_ip(f"::ffff:{address}")
-    assert source_key(str(address)) == source_key(f"::ffff:{address}")
+    assert source_key(ip(str(address))) == source_key(ip(f"::ffff:{address}"))
 
 
 @PROPERTY
@@ -419,16 +421,16 @@ def test_counters_match_what_is_running_in_any_order(sources: list[str | None],
 
 
 SOURCE_KEYS = [
-    ("192.0.2.7", "192.0.2.7"),
-    ("::ffff:192.0.2.7", "192.0.2.7"),
-    ("2001:DB8::0001", "2001:db8::1"),
-    (UnixPeer(1000, 100), "uid:1000"),
-    (UnixPeer(None, None), None),
+    (ip("192.0.2.7"), "192.0.2.7"),
+    (ip("::ffff:192.0.2.7"), "192.0.2.7"),
+    (ip("2001:DB8::0001"), "2001:db8::1"),
+    (unix(1000, 100), "uid:1000"),
+    (unix(None, None), None),
 ]
 
 
 @pytest.mark.parametrize(("peer", "key"), SOURCE_KEYS)
-def test_source_keys(peer: str | UnixPeer, key: str | None) -> None:
+def test_source_keys(peer: Peer, key: str | None) -> None:
     assert source_key(peer) == key
 
 
@@ -441,32 +443,32 @@ ONLY_TEN = AccessList.parse(["10.0.0.0/8", "uid:0"], [])
 
 DECISIONS = [
     # access, limits, counters, peer, all_children, max_children, decision
-    (OPEN, Limits(), Counters(), "192.0.2.1", 0, None, Accept()),
-    (ONLY_TEN, Limits(), Counters(), "192.0.2.1", 0, None, Refuse("access")),
-    (ONLY_TEN, Limits(), Counters(), "::ffff:10.0.0.1", 0, None, Accept()),
-    (ONLY_TEN, Limits(), Counters(), UnixPeer(0, 0), 0, None, Accept()),
-    (ONLY_TEN, Limits(), Counters(), UnixPeer(1000, 1000), 0, None, Refuse("access")),
-    (ONLY_TEN, Limits(), Counters(), UnixPeer(None, None), 0, None, Refuse("access")),
-    (OPEN, Limits(instances=2), busy(1, {}), "10.0.0.1", 1, None, Accept()),
-    (OPEN, Limits(instances=2), busy(2, {}), "10.0.0.1", 2, None, Refuse("instances")),
-    (OPEN, Limits(per_source=2), busy(5, {"10.0.0.1": 1}), "10.0.0.1", 5, None, Accept()),
-    (OPEN, Limits(per_source=2), busy(5, {"10.0.0.1": 2}), "10.0.0.1", 5, None,
+    (OPEN, Limits(), Counters(), ip("192.0.2.1"), 0, None, Accept()),
+    (ONLY_TEN, Limits(), Counters(), ip("192.0.2.1"), 0, None, Refuse("access")),
+    (ONLY_TEN, Limits(), Counters(), ip("::ffff:10.0.0.1"), 0, None, Accept()),
+    (ONLY_TEN, Limits(), Counters(), unix(0, 0), 0, None, Accept()),
+    (ONLY_TEN, Limits(), Counters(), unix(1000, 1000), 0, None, Refuse("access")),
+    (ONLY_TEN, Limits(), Counters(), unix(None, None), 0, None, Refuse("access")),
+    (OPEN, Limits(instances=2), busy(1, {}), ip("10.0.0.1"), 1, None, Accept()),
+    (OPEN, Limits(instances=2), busy(2, {}), ip("10.0.0.1"), 2, None, Refuse("instances")),
+    (OPEN, Limits(per_source=2), busy(5, {"10.0.0.1": 1}), ip("10.0.0.1"), 5, None, Accept()),
+    (OPEN, Limits(per_source=2), busy(5, {"10.0.0.1": 2}), ip("10.0.0.1"), 5, None,
      Refuse("per_source")),
-    (OPEN, Limits(per_source=2), busy(5, {"10.0.0.1": 2}), "::ffff:10.0.0.1", 5, None,
+    (OPEN, Limits(per_source=2), busy(5, {"10.0.0.1": 2}), ip("::ffff:10.0.0.1"), 5, None,
      Refuse("per_source")),
-    (OPEN, Limits(per_source=2), busy(5, {"10.0.0.1": 2}), "10.0.0.2", 5, None, Accept()),
-    (OPEN, Limits(per_source=1), busy(1, {"uid:1000": 1}), UnixPeer(1000, 1), 1, None,
+    (OPEN, Limits(per_source=2), busy(5, {"10.0.0.1": 2}), ip("10.0.0.2"), 5, None, Accept()),
+    (OPEN, Limits(per_source=1), busy(1, {"uid:1000": 1}), unix(1000, 1), 1, None,
      Refuse("per_source")),
-    (OPEN, Limits(per_source=1), busy(1, {}), UnixPeer(None, None), 1, None, Accept()),
-    (OPEN, Limits(), busy(3, {}), "10.0.0.1", 9, 10, Accept()),
-    (OPEN, Limits(), busy(3, {}), "10.0.0.1", 10, 10, Refuse("max_children")),
-    (OPEN, Limits(instances=0), Counters(), "10.0.0.1", 0, None, Refuse("instances")),
+    (OPEN, Limits(per_source=1), busy(1, {}), unix(None, None), 1, None, Accept()),
+    (OPEN, Limits(), busy(3, {}), ip("10.0.0.1"), 9, 10, Accept()),
+    (OPEN, Limits(), busy(3, {}), ip("10.0.0.1"), 10, 10, Refuse("max_children")),
+    (OPEN, Limits(instances=0), Counters(), ip("10.0.0.1"), 0, None, Refuse("instances")),
     # the most specific reason is given when several apply
-    (ONLY_TEN, Limits(instances=1, per_source=1), busy(1, {"192.0.2.1": 1}), "192.0.2.1",
+    (ONLY_TEN, Limits(instances=1, per_source=1), busy(1, {"192.0.2.1": 1}), ip("192.0.2.1"),
      50, 50, Refuse("access")),
-    (OPEN, Limits(instances=1, per_source=1), busy(1, {"10.0.0.1": 1}), "10.0.0.1", 50, 50,
+    (OPEN, Limits(instances=1, per_source=1), busy(1, {"10.0.0.1": 1}), ip("10.0.0.1"), 50, 50,
      Refuse("per_source")),
-    (OPEN, Limits(instances=1, per_source=1), busy(1, {"10.0.0.2": 1}), "10.0.0.1", 50, 50,
+    (OPEN, Limits(instances=1, per_source=1), busy(1, {"10.0.0.2": 1}), ip("10.0.0.1"), 50, 50,
      Refuse("instances")),
 ]
 
@@ -474,7 +476,7 @@ DECISIONS = [
 @pytest.mark.parametrize(
     ("access", "limits", "counters", "peer", "all_children", "max_children", "decision"),
     DECISIONS)
-def test_decide(access: AccessList, limits: Limits, counters: Counters, peer: str | UnixPeer,
+def test_decide(access: AccessList, limits: Limits, counters: Counters, peer: Peer,
                 all_children: int, max_children: int | None,
                 decision: Accept | Refuse) -> None:
     assert decide(access, limits, counters, peer, all_children, max_children) == decision
@@ -484,14 +486,14 @@ def test_a_refused_source_is_accepted_again_once_its_children_exit() -> None:
     limits = Limits(instances=3, per_source=2)
     counters = Counters()
     for _ in range(2):
-        assert decide(OPEN, limits, counters, "10.0.0.1", counters.children, None) == Accept()
-        counters.started(source_key("10.0.0.1"))
-    assert decide(OPEN, limits, counters, "10.0.0.1", 2, None) == Refuse("per_source")
-    assert decide(OPEN, limits, counters, "10.0.0.2", 2, None) == Accept()
-    counters.started(source_key("10.0.0.2"))
-    assert decide(OPEN, limits, counters, "10.0.0.3", 3, None) == Refuse("instances")
-    counters.ended(source_key("10.0.0.1"))
-    assert decide(OPEN, limits, counters, "10.0.0.1", 2, None) == Accept()
+        assert decide(OPEN, limits, counters, ip("10.0.0.1"), counters.children, None) == Accept()
+        counters.started(source_key(ip("10.0.0.1")))
+    assert decide(OPEN, limits, counters, ip("10.0.0.1"), 2, None) == Refuse("per_source")
+    assert decide(OPEN, limits, counters, ip("10.0.0.2"), 2, None) == Accept()
+    counters.started(source_key(ip("10.0.0.2")))
+    assert decide(OPEN, limits, counters, ip("10.0.0.3"), 3, None) == Refuse("instances")
+    counters.ended(source_key(ip("10.0.0.1")))
+    assert decide(OPEN, limits, counters, ip("10.0.0.1"), 2, None) == Accept()
 
 
 @PROPERTY
@@ -504,7 +506,7 @@ def test_decide_accepts_exactly_when_every_bound_has_room(
     counters = busy(mine + others + extra, {"10.0.0.1": mine, "10.0.0.2": others})
     all_children = counters.children + elsewhere + all_extra
     limits = Limits(instances=instances, per_source=per_source)
-    decision = decide(OPEN, limits, counters, "10.0.0.1", all_children, max_children)
+    decision = decide(OPEN, limits, counters, ip("10.0.0.1"), all_children, max_children)
     room = ((per_source is None or mine < per_source)
             and (instances is None or counters.children < instances)
             and (max_children is None or all_children < max_children))

@@ -123,13 +123,13 @@ class Service:
         """How connections on `address` are served.
 
         nowait: a child per connection; wait: one child gets the socket itself (inetd's
-        wait, the default for datagrams); inline: a UDP builtin answered by the
-        supervisor; workers: `workers` long-lived children accept and serve.
+        wait, the default for datagrams); inline: a builtin, served in its spawner's
+        own loop with no child; workers: `workers` long-lived children accept and serve.
         """
         if self.workers and address.is_stream:
             return "workers"
         if self.kind == "builtin":
-            return "nowait" if address.is_stream else "inline"
+            return "inline"
         if self.wait is None:
             return "nowait" if address.is_stream else "wait"
         return "wait" if self.wait else "nowait"

@@ -1,16 +1,14 @@
 """The classic built-in services, one row each: echo, discard, chargen, daytime, time.
 
-Stream handlers run in a child with a blocking socket whose timeout is the service's
-idle limit, so a dead or silent peer ends the child instead of spinning, and a peer
-that never reads blocks the child in send() (bounded by the kernel's buffer) until
-the timeout. Datagram handlers are pure functions of the request, answered inline
-by the supervisor, since one datagram needs no process of its own.
+A row says what the service sends on a stream and its reply to a datagram. Datagram
+replies are pure functions of the request. Streams are served without a process of
+their own, never blocking: in a spawner's loop (netd.handlers.inline) or, in workers
+mode, as coroutines (netd.handlers.async_builtins); both follow the row's `stream`.
 """
 
 from __future__ import annotations
 
 import random
-import socket
 import struct
 import time
 from collections.abc import Callable
@@ -43,54 +41,38 @@ def time_bytes() -> bytes:
     return struct.pack("!I", (int(time.time()) + RFC868_OFFSET_S) & 0xFFFFFFFF)
 
 
-def echo_stream(conn: socket.socket) -> None:
-    while data := conn.recv(CHUNK):
-        conn.sendall(data)
-
-
-def discard_stream(conn: socket.socket) -> None:
-    while conn.recv(CHUNK):
-        pass
-
-
-def chargen_stream(conn: socket.socket) -> None:
-    # Ignore what the client sends (RFC 864); stop when it goes away.
-    conn.shutdown(socket.SHUT_RD)
-    while True:
-        conn.sendall(CHARGEN_BLOCK)
-
-
-def daytime_stream(conn: socket.socket) -> None:
-    conn.sendall(daytime_text())
-
-
-def time_stream(conn: socket.socket) -> None:
-    conn.sendall(time_bytes())
-
-
 def chargen_datagram(_request: bytes) -> bytes:
     size = random.randint(0, 512)
     return (CHARGEN_BLOCK * (size // len(CHARGEN_BLOCK) + 1))[:size]
 
 
 @dataclass(frozen=True)
+class Stream:
+    """What a builtin does on a stream: send `greeting()` and close; or send back what
+    comes (`echo`); or read and drop it; or send `endless` until the peer goes away."""
+
+    greeting: Callable[[], bytes] | None = None
+    echo: bool = False
+    endless: bytes | None = None
+
+
+@dataclass(frozen=True)
 class Builtin:
-    """One built-in service: how it serves a stream, and its reply to a datagram
-    (netd.handlers.async_builtins serves the same streams in workers mode)."""
+    """One built-in service: what it does on a stream, and its reply to a datagram."""
 
     name: str
     rfc: int
-    stream: Callable[[socket.socket], None]
+    stream: Stream
     datagram: Callable[[bytes], bytes | None]
 
 
 BUILTINS: dict[str, Builtin] = {
     b.name: b
     for b in (
-        Builtin("echo", 862, echo_stream, lambda request: request),
-        Builtin("discard", 863, discard_stream, lambda request: None),
-        Builtin("chargen", 864, chargen_stream, chargen_datagram),
-        Builtin("daytime", 867, daytime_stream, lambda request: daytime_text()),
-        Builtin("time", 868, time_stream, lambda request: time_bytes()),
+        Builtin("echo", 862, Stream(echo=True), lambda request: request),
+        Builtin("discard", 863, Stream(), lambda request: None),
+        Builtin("chargen", 864, Stream(endless=CHARGEN_BLOCK), chargen_datagram),
+        Builtin("daytime", 867, Stream(greeting=daytime_text), lambda request: daytime_text()),
+        Builtin("time", 868, Stream(greeting=time_bytes), lambda request: time_bytes()),
     )
 }

@@ -1,0 +1,550 @@
+"""A spawner: the process that serves every service run as one identity.
+
+The supervisor forks one spawner per identity (user, groups, limits, umask, cwd,
+chroot); it takes that identity for good, then does all the per-connection work of
+its services, tcpserver-style, so that nothing changes identity per connection and
+the supervisor does no work per connection at all:
+
+- nowait: accept, apply the policy (access, limits, rate), start a child for each
+  connection (posix_spawn of a program, or a fork for a python handler);
+- wait: hand the listening socket itself to one child, and watch it again once the
+  child has exited;
+- inline: a builtin answers each datagram, or serves each stream connection, right
+  here in the loop, with no child.
+
+It logs each accept, exit and refusal itself, and reports to the supervisor in
+batches (netd.reports). A reload that changes what it serves starts a new spawner and
+retires this one: it stops accepting, lets its children finish, and leaves.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+
+from netd.children import Child, ChildPool, ChildTable, Ticket
+from netd.config.model import Identity, Service
+from netd.firstbytes import FirstBytes
+from netd.handlers.builtins import BUILTINS
+from netd.handlers.inline import InlineStream
+from netd.listener import Listener
+from netd.logs import Log
+from netd.loop import EventLoop, Timer
+from netd.peer import Peer, accept_fields, describe, refuse_fields
+from netd.policy import Counters, RateWindow, Refuse, check_rate, decide, source_key
+from netd.proxy import ProxyHeader
+from netd.proxywait import ProxyWait
+from netd.reports import BATCH_DELAY_S, BATCH_MAX, Batch, Started, read_notes
+from netd.spawn import exec_env, fork_handler, serve_python, signal_group, spawn_exec
+from netd.stderr import StderrPipe
+
+ACCEPTS_PER_WAKEUP = 64
+DATAGRAMS_PER_WAKEUP = 64
+MAX_PROXY_WAITS = 1024     # connections whose PROXY header may be pending at once
+RESOURCE_PAUSE_S = 1.0     # a service stops accepting this long when out of fds or processes
+KILL_GRACE_S = 5.0         # after max_duration's SIGTERM, SIGKILL
+# A UDP builtin never answers port 0 or another small-services port: that is how two
+# servers start bouncing datagrams off each other.
+SMALL_SERVICE_PORTS = frozenset((0, 7, 9, 13, 19, 37))
+# accept() failing for want of fds or memory leaves the socket readable: pause instead.
+SHORTAGES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a spawner serves: its identity, its services with the sockets each serves
+    through it, and the children of earlier spawners it must count (`inherited`)."""
+
+    identity: Identity
+    services: tuple[tuple[Service, tuple[Listener, ...]], ...]
+    pool: ChildPool
+    stop_timeout_s: float
+    inherited: tuple[Started, ...] = ()
+
+
+@dataclass(eq=False)
+class Served:
+    """One service as this spawner runs it."""
+
+    service: Service
+    listeners: tuple[Listener, ...]
+    counters: Counters = field(default_factory=Counters)
+    window: RateWindow | None = None
+    stderr: StderrPipe | None = None
+    accepted: int = 0
+    refused: int = 0
+    state: str = "listening"
+    resume_at: Timer | None = None
+
+
+class ProxyArrival(ProxyWait):
+    """A connection to `served` on `listener` whose PROXY header is still arriving."""
+
+    def __init__(self, conn: socket.socket, remote: tuple[str, int], served: Served,
+                 listener: Listener) -> None:
+        super().__init__(conn, remote)
+        self.served = served
+        self.listener = listener
+
+
+class Spawner:
+    """The loop of one spawner process; `run()` returns when it may leave."""
+
+    def __init__(self, plan: Plan, link: socket.socket, log: Log) -> None:
+        self.plan = plan
+        self.link = link
+        self.log = log
+        self.loop = EventLoop()
+        self.children = ChildTable()
+        self.streams: set[InlineStream] = set()
+        self.devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        self.leaving: str | None = None  # "retire" or "stop"
+        self.batch = Batch()
+        self.batch_at: Timer | None = None
+        self.served = {service.name: Served(service, listeners)
+                       for service, listeners in plan.services}
+        self.proxies: FirstBytes[ProxyArrival, ProxyHeader] = FirstBytes(
+            self.loop, MAX_PROXY_WAITS, self._proxy_header, self._proxy_failed)
+        for started in plan.inherited:
+            self._inherit(started)
+
+    # -- setting up -----------------------------------------------------------------
+
+    def run(self) -> None:
+        """Serve until retired or stopped and every child has ended."""
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGCHLD, signal.SIGTERM):
+            signal.signal(sig, _note_signal)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        self.loop.watch(wake_r, lambda: self._signals(wake_r))
+        self.link.setblocking(False)
+        self.loop.watch(self.link, self._notes)
+        for served in self.served.values():
+            self._serve(served)
+        self._reap()  # a child that ended before the handlers were in place
+        while not self._done():
+            self.log.pump(self.loop)
+            self.loop.run_once()
+        self._flush_batch()
+        self.log.patience_s = 1.0
+        self.log.flush()
+
+    def _serve(self, served: Served) -> None:
+        """Bind each listener's callback once, by the mode its service runs it in."""
+        service = served.service
+        if service.limits.rate is not None:
+            served.window = RateWindow(service.limits.rate)
+        if service.kind == "exec" and service.stderr == "log":
+            served.stderr = StderrPipe(self.loop, self.log, service.name)
+        for listener in served.listeners:
+            mode = service.mode(listener.address)
+            if mode == "wait":
+                listener.serve(self.loop, partial(self.wait, served, listener))
+            elif mode == "inline" and not listener.address.is_stream:
+                listener.serve(self.loop, partial(self.datagrams, served, listener))
+            else:
+                listener.serve(self.loop, partial(self.nowait, served, listener))
+
+    def _inherit(self, started: Started) -> None:
+        """Count a child an earlier spawner started (the supervisor says when it ends)."""
+        served = self.served.get(started.service)
+        if served is None:
+            return
+        ticket = Ticket(served.counters, started.source, None)
+        self.children.add(Child(started.pid, started.service, ticket,
+                                wait_key=started.wait_key, own=False))
+        if started.wait_key is not None:
+            for listener in served.listeners:
+                if str(listener.address) == started.wait_key:
+                    listener.pause("busy")
+
+    # -- nowait: a child (or an inline stream) per connection -----------------------
+
+    def nowait(self, served: Served, listener: Listener) -> None:
+        """Take what is queued on a stream listener, each connection through the policy."""
+        service = served.service
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            if served.window is not None:
+                now = time.monotonic()
+                suspend = check_rate(served.window, service.limits, now)
+                if suspend is not None:
+                    self.suspend(served, suspend.until_s, "rate")
+                    return
+                served.window.record(now)
+            try:
+                conn, remote = listener.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                self.log.event("error", "err", service=service.name,
+                               msg=f"accept failed: {e.strerror}")
+                if e.errno in SHORTAGES:
+                    self.suspend(served, time.monotonic() + RESOURCE_PAUSE_S, "resources")
+                    return
+                continue
+            if service.proxy is not None:
+                self._await_proxy(served, listener, conn, remote)
+            else:
+                peer = Peer.of(conn, listener.address.proto, remote, listener.fixed_local)
+                self._admit(served, listener, conn, peer, remote)
+            if listener.paused:
+                return
+
+    def _admit(self, served: Served, listener: Listener, conn: socket.socket, peer: Peer,
+               remote: object) -> None:
+        """Apply access and limits to one connection, then serve it; `conn` is ours."""
+        service = served.service
+        pool = self.plan.pool
+        decision = decide(service.access, service.limits, served.counters, peer,
+                          pool.in_use(), pool.limit)
+        inline = service.kind == "builtin"
+        if isinstance(decision, Refuse):
+            conn.close()
+            self._refuse(served, peer, decision.reason)
+            return
+        if not inline and not pool.take():
+            conn.close()
+            self._refuse(served, peer, "max_children")
+            return
+        source = source_key(peer) if service.limits.per_source is not None else None
+        ticket = Ticket(served.counters, source, None if inline else pool)
+        if inline:
+            self._stream(served, listener, conn, peer, ticket)
+            return
+        with conn:
+            pid = self._start(served, conn, peer, remote)
+        if pid is None:
+            ticket.release()
+            return
+        self._started(served, Child(pid, service.name, ticket), listener, peer, None)
+
+    def _start(self, served: Served, sock: socket.socket, peer: Peer, remote: object) -> int | None:
+        """Start the child that serves `sock` (a connection, or a wait-mode socket)."""
+        service = served.service
+        try:
+            if service.kind == "exec":
+                stderr = served.stderr.write_fd if served.stderr is not None else self.devnull
+                return spawn_exec(service.argv, exec_env(dict(service.env), service.name, peer),
+                                  sock.fileno(), stderr)
+            return fork_handler(lambda: serve_python(service, sock, remote),
+                                [sock.fileno(), *self.log.fds()], self.log, service.name)
+        except OSError as e:
+            self.log.event("error", "err", service=service.name, msg=f"cannot start child: {e}")
+            if e.errno in (errno.EAGAIN, errno.ENOMEM, *SHORTAGES):
+                # Out of processes (RLIMIT_NPROC) or memory: pause, connections wait.
+                self.suspend(served, time.monotonic() + RESOURCE_PAUSE_S, "resources")
+            return None
+
+    def _started(self, served: Served, child: Child, listener: Listener, peer: Peer,
+                 mode: str | None) -> None:
+        service = served.service
+        self.children.add(child)
+        served.accepted += 1
+        if service.max_duration_s is not None:
+            child.deadline = self.loop.after(
+                service.max_duration_s, lambda: self._expire(child, signal.SIGTERM))
+        self.log.event("accept", **accept_fields(service.name, peer, _local(served, listener, peer),
+                                                 child.pid, mode))
+        self._report(started=Started(child.pid, service.name, child.ticket.source
+                                     if child.ticket else None, child.wait_key))
+
+    def _refuse(self, served: Served, peer: Peer, reason: str, **detail: object) -> None:
+        served.refused += 1
+        self.log.event("refuse", "notice", **refuse_fields(served.service.name, peer, reason,
+                                                           **detail))
+        self._report()
+
+    # -- inline: builtins served in this loop ---------------------------------------
+
+    def _stream(self, served: Served, listener: Listener, conn: socket.socket, peer: Peer,
+                ticket: Ticket) -> None:
+        service = served.service
+        assert service.builtin is not None
+        served.accepted += 1
+        pid = os.getpid()
+        self.log.event("accept", **accept_fields(service.name, peer, _local(served, listener, peer),
+                                                 pid, "inline"))
+        started_s = time.monotonic()
+        self._report()
+
+        def ended(reason: str) -> None:
+            self.streams.discard(stream)
+            ticket.release()
+            self.log.event("close", service=service.name, **peer.who(), pid=pid, reason=reason,
+                           duration=f"{time.monotonic() - started_s:.3f}s")
+
+        stream = InlineStream(self.loop, conn, BUILTINS[service.builtin].stream,
+                              service.timeout_s, ended)
+        if conn.fileno() >= 0:
+            self.streams.add(stream)
+
+    def datagrams(self, served: Served, listener: Listener) -> None:
+        """A UDP builtin: answer each queued datagram right here."""
+        service = served.service
+        assert service.builtin is not None
+        reply_to = BUILTINS[service.builtin].datagram
+        # This loop is the whole cost of a UDP request: what is constant is hoisted.
+        sock = listener.sock
+        access = service.access if service.access.restricts_ip else None
+        logged = self.log.wants("debug")
+        for _ in range(DATAGRAMS_PER_WAKEUP):
+            try:
+                request, remote = sock.recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue  # an ICMP error queued for an earlier reply
+            if remote[1] in SMALL_SERVICE_PORTS:
+                continue
+            if access is not None and not access.permits_ip(remote[0]):
+                self._refuse(served, Peer.from_ip(remote[0], remote[1], "udp"), "access")
+                continue
+            reply = reply_to(request)
+            if reply is not None:
+                try:
+                    sock.sendto(reply, remote)
+                except OSError:
+                    pass  # a full send buffer drops the reply, as UDP may
+            if logged:
+                self.log.event("datagram", "debug", service=service.name, proto="udp",
+                               peer=describe(remote, listener.address.family),
+                               local=listener.local)
+
+    # -- wait: the child gets the socket itself -------------------------------------
+
+    def wait(self, served: Served, listener: Listener) -> None:
+        """Hand the listening socket to one child; watch it again once that child ends."""
+        listener.pause("busy")
+        peer = Peer.of(listener.sock, listener.address.proto, None)
+        pid = self._start(served, listener.sock, peer, None)
+        if pid is None:
+            listener.resume("busy")
+            return
+        child = Child(pid, served.service.name, wait_key=str(listener.address))
+        self._started(served, child, listener, peer, "wait")
+        self._note_state(served)
+
+    # -- PROXY protocol headers -----------------------------------------------------
+
+    def _await_proxy(self, served: Served, listener: Listener, conn: socket.socket,
+                     remote: tuple[str, int]) -> None:
+        proxy = served.service.proxy
+        assert proxy is not None
+        balancer = Peer.from_ip(remote[0], remote[1])
+        if not proxy.trusted.permits_ip(remote[0]):
+            conn.close()
+            self._refuse(served, balancer, "proxy", msg="not a trusted load balancer")
+        elif not self.proxies.wait(ProxyArrival(conn, remote, served, listener),
+                                   proxy.timeout_s, "no PROXY header in time"):
+            conn.close()
+            self._refuse(served, balancer, "proxy", msg="too many headers pending")
+
+    def _proxy_header(self, wait: ProxyArrival, header: ProxyHeader) -> None:
+        conn = wait.conn
+        if self.leaving:
+            self._proxy_failed(wait, "service gone")
+            return
+        local = conn.getsockname()[:2]
+        remote = header.source or wait.remote
+        peer = Peer("tcp", socket.AF_INET6 if ":" in remote[0] else socket.AF_INET,
+                    remote=remote, local=header.dest or (local[0], local[1]))
+        if wait.served.service.kind != "builtin":
+            conn.setblocking(True)
+        self._admit(wait.served, wait.listener, conn, peer, peer.remote)
+
+    def _proxy_failed(self, wait: ProxyArrival, why: str) -> None:
+        wait.conn.close()
+        self._refuse(wait.served, Peer.from_ip(*wait.remote), "proxy", msg=why)
+
+    # -- suspending over a rate or a shortage ---------------------------------------
+
+    def suspend(self, served: Served, until_s: float, reason: str) -> None:
+        """Stop accepting for the service until `until_s`; connections wait in the backlog."""
+        if served.resume_at is not None:
+            return
+        for listener in served.listeners:
+            listener.pause("suspended")
+        served.resume_at = self.loop.at(until_s, lambda: self.resume(served))
+        self.log.event("suspend", "warning", service=served.service.name, reason=reason,
+                       pause=f"{until_s - time.monotonic():.3f}s")
+        self._note_state(served)
+
+    def resume(self, served: Served) -> None:
+        """Accept again after a suspension."""
+        served.resume_at = None
+        for listener in served.listeners:
+            listener.resume("suspended")
+        self.log.event("resume", service=served.service.name)
+        self._note_state(served)
+
+    def _note_state(self, served: Served) -> None:
+        paused = [listener.paused for listener in served.listeners]
+        state = ("suspended" if served.resume_at is not None
+                 else "busy" if paused and all("busy" in p for p in paused) else "listening")
+        if state != served.state:
+            served.state = state
+            self.batch.states[served.service.name] = state
+            self._report()
+
+    # -- children -------------------------------------------------------------------
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            child = self.children.pop(pid)
+            if child is not None:
+                self._ended(child, status)
+
+    def _ended(self, child: Child, status: int | None) -> None:
+        """Log a child's end (status None: not ours to reap) and free what it held."""
+        self.loop.cancel(child.deadline)
+        served = self.served.get(child.service)
+        if status is not None:
+            duration = f"{time.monotonic() - child.started_s:.3f}s"
+            if os.WIFSIGNALED(status):
+                self.log.event("exit", "warning", service=child.service, pid=child.pid,
+                               signal=signal.Signals(os.WTERMSIG(status)).name,
+                               duration=duration)
+            else:
+                self.log.event("exit", service=child.service, pid=child.pid,
+                               status=os.waitstatus_to_exitcode(status), duration=duration)
+            self._report(ended=(child.pid, status))
+        if served is None:
+            return
+        if child.wait_key is not None:
+            for listener in served.listeners:
+                if str(listener.address) == child.wait_key:
+                    listener.resume("busy")
+            self._note_state(served)
+        if served.stderr is not None and not any(c.service == child.service
+                                                 for c in self.children if c.own):
+            # The pipe is shared by the service's children: with none left, a last line
+            # without its newline is complete.
+            served.stderr.drain()
+
+    def _expire(self, child: Child, sig: signal.Signals) -> None:
+        """A child ran past max_duration: SIGTERM, then SIGKILL KILL_GRACE_S later."""
+        self.log.event("timeout", "warning", service=child.service, pid=child.pid,
+                       reason="max_duration", signal=sig.name)
+        signal_group(child.pid, sig)
+        if sig == signal.SIGTERM:
+            child.deadline = self.loop.after(KILL_GRACE_S,
+                                             lambda: self._expire(child, signal.SIGKILL))
+
+    # -- what the supervisor and signals say ----------------------------------------
+
+    def _signals(self, wake: socket.socket) -> None:
+        try:
+            received = set(wake.recv(256))
+        except BlockingIOError:
+            return
+        if signal.SIGTERM in received:
+            self.leave("stop")
+        self._reap()
+
+    def _notes(self) -> None:
+        notes = read_notes(self.link)
+        if notes is None:  # the supervisor has gone: stop accepting, let children finish
+            self.loop.unwatch(self.link)
+            self.leave("retire")
+            return
+        for note in notes:
+            if note.get("retire"):
+                self.leave("retire")
+            elif "stop" in note:
+                self.leave("stop", float(note["stop"]))
+            for pid in note.get("ended", ()):
+                child = self.children.pop(int(pid))
+                if child is not None:
+                    self._ended(child, None)
+
+    def leave(self, how: str, stop_timeout_s: float | None = None) -> None:
+        """retire: stop accepting and leave once the children have ended; stop: also
+        end the children (SIGTERM, then SIGKILL after `stop_timeout_s`, by default
+        daemon.stop_timeout as it was when this spawner started)."""
+        if self.leaving == how or self.leaving == "stop":
+            return
+        self.leaving = how
+        for served in self.served.values():
+            for listener in served.listeners:
+                listener.close()
+            self.loop.cancel(served.resume_at)
+        self.proxies.fail_all("netd is stopping" if how == "stop" else "service gone")
+        if how == "stop":
+            for stream in list(self.streams):
+                stream.close("stop")
+            for child in self.children:
+                if child.own:
+                    signal_group(child.pid, signal.SIGTERM)
+            self.loop.every(self.plan.stop_timeout_s if stop_timeout_s is None else stop_timeout_s,
+                            self._kill_left)
+
+    def _kill_left(self) -> None:
+        left = [child for child in self.children if child.own]
+        if left:
+            self.log.event("kill", "warning", children=len(left), reason="stop_timeout")
+        for child in left:
+            signal_group(child.pid, signal.SIGKILL)
+
+    def _done(self) -> bool:
+        return (self.leaving is not None and not self.streams and not self.proxies
+                and self.children.own() == 0)
+
+    # -- reports ----------------------------------------------------------------------
+
+    def _report(self, started: Started | None = None,
+                ended: tuple[int, int] | None = None) -> None:
+        """Note something for the supervisor; batches go out at most every BATCH_DELAY_S."""
+        if started is not None:
+            self.batch.started.append(started)
+        if ended is not None:
+            self.batch.ended.append(ended)
+        if len(self.batch) >= BATCH_MAX:
+            self._flush_batch()
+        elif self.batch_at is None:
+            self.batch_at = self.loop.after(BATCH_DELAY_S, self._flush_batch)
+
+    def _flush_batch(self) -> None:
+        self.loop.cancel(self.batch_at)
+        self.batch_at = None
+        for served in self.served.values():
+            if served.accepted or served.refused:
+                self.batch.counts[served.service.name] = [served.accepted, served.refused]
+                served.accepted = served.refused = 0
+        if len(self.batch):
+            try:
+                self.link.send(self.batch.encode())
+            except OSError:
+                pass  # the supervisor is gone or not reading: it has its own view to go on
+            self.batch = Batch()
+
+
+def _local(served: Served, listener: Listener, peer: Peer) -> str:
+    """The local address of a connection as logs show it: the listener's own, unless it
+    listens on every address or a PROXY header told another."""
+    if peer.local is not None and (listener.wildcard or served.service.proxy is not None):
+        return describe(peer.local, peer.family)
+    return listener.local
+
+
+def _note_signal(signum: int, frame: object) -> None:
+    """The signal number reaches the loop through the wake-up fd; nothing to do here."""
+
+
+def spawner_main(plan: Plan, link: socket.socket, log: Log) -> Callable[[], None]:
+    """The main function of a spawner process, for spawn.fork_helper."""
+    return lambda: Spawner(plan, link, log).run()

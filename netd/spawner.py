@@ -284,8 +284,8 @@ class Spawner:
 
         stream = InlineStream(self.loop, conn, BUILTINS[service.builtin].stream,
                               service.timeout_s, ended)
-        if conn.fileno() >= 0:
-            self.streams.add(stream)
+        self.streams.add(stream)
+        stream.start()
 
     def datagrams(self, served: Served, listener: Listener) -> None:
         """A UDP builtin: answer each queued datagram right here."""

@@ -562,7 +562,8 @@ def test_workers_mode_obeys_access_or_refuses_the_config(
 def test_idle_timeout_closes_builtin_and_python_handlers(
         tmp_path: Path, start_netd: Callable[..., Netd], sink: SyslogSink) -> None:
     """timeout: 1s -- a peer that never sends is disconnected by an echo builtin and by
-    a python handler, each logged as event=close reason=timeout."""
+    a python handler, each logged as event=close reason=timeout (and the handler's
+    child exits 0; the builtin has no child of its own)."""
     (tmp_path / "idle_handlers.py").write_text(textwrap.dedent("""
         def read_forever(conn, peer):
             while conn.recv(4096):
@@ -585,7 +586,8 @@ def test_idle_timeout_closes_builtin_and_python_handlers(
             s.settimeout(8)
             assert recv_all(s) == b""
         sink.wait_for(event="close", service=name, reason="timeout")
-        assert sink.wait_for(event="exit", service=name)["status"] == "0"
+        if name == "py":
+            assert sink.wait_for(event="exit", service=name)["status"] == "0"
 
 
 def test_max_duration_sigterm_then_sigkill(start_netd: Callable[..., Netd],

@@ -59,9 +59,16 @@ def client_port(s: socket.socket) -> int:
 
 
 def accept_pid(sink: SyslogSink, service: str, s: socket.socket) -> int:
-    """The pid netd logged in event=accept for the connection `s`."""
+    """The pid netd logged in event=accept for the connection `s` (the spawner that
+    serves it inline)."""
     event = sink.wait_for(event="accept", service=service, peer=f"127.0.0.1:{client_port(s)}")
+    assert event["mode"] == "inline", event
     return int(event["pid"])
+
+
+def peer_of(s: socket.socket) -> str:
+    """How netd's log lines name the client of `s`."""
+    return f"127.0.0.1:{client_port(s)}"
 
 
 def rss_kb(pid: int) -> int:
@@ -235,61 +242,69 @@ def test_builtins_on_ipv6(start_netd: Callable[..., Netd], sink: SyslogSink) -> 
 
 def test_chargen_reader_that_never_reads(start_netd: Callable[..., Netd],
                                          sink: SyslogSink) -> None:
-    """A chargen client that never reads leaves the child blocked, not growing; a reset ends it.
+    """A chargen client that never reads leaves its connection waiting, not growing the
+    spawner that serves it; a reset ends it.
 
-    Meanwhile the supervisor keeps serving other clients.
+    Meanwhile the spawner keeps serving other clients.
     """
     body, ports = all_builtins()
     start_netd(body)
     with connect(ports["chargen"]) as lazy:
         lazy.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         pid = accept_pid(sink, "chargen", lazy)
+        peer = peer_of(lazy)
         time.sleep(1.0)  # let the socket buffers fill
         first_kb = rss_kb(pid)
-        # The supervisor answers others while that child is stuck in send().
+        # The spawner answers others while that connection cannot take more.
         assert echo_roundtrip(ports["echo"], b"still here\n") == b"still here\n"
         check_time(udp_ask(ports["time"], b""))
         time.sleep(3.0)
         later_kb = rss_kb(pid)
         assert later_kb - first_kb < 8 * 1024, (first_kb, later_kb)
-        assert not sink.find(event="exit", pid=str(pid)), "child gave up on a live client"
+        assert not sink.find(event="close", peer=peer), "netd gave up on a live client"
         # A rude abort (RST), which RFC 864 says the server must expect.
         lazy.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    sink.wait_for(event="exit", service="chargen", pid=str(pid))
+    sink.wait_for(event="close", service="chargen", peer=peer)
     with connect(ports["chargen"]) as again:
         assert again.recv(74, socket.MSG_WAITALL) == LINE0.encode() + b"\r\n"
 
 
 def test_client_closing_mid_echo_ends_child(start_netd: Callable[..., Netd],
                                             sink: SyslogSink) -> None:
-    """A client that writes, reads a little, then closes ends its echo child."""
+    """A client that writes, reads a little, then closes ends its echo connection."""
     body, ports = all_builtins()
     start_netd(body)
     s = connect(ports["echo"])
     try:
-        pid = accept_pid(sink, "echo", s)
+        accept_pid(sink, "echo", s)
+        peer = peer_of(s)
         s.sendall(b"e" * 65536)
         assert s.recv(1024)
     finally:
         s.close()
-    sink.wait_for(event="exit", service="echo", pid=str(pid))
+    sink.wait_for(event="close", service="echo", peer=peer)
     assert echo_roundtrip(ports["echo"], b"next\n") == b"next\n"
 
 
-def test_many_short_connections_every_child_reaped(start_netd: Callable[..., Netd],
+def test_many_short_connections_start_no_process(start_netd: Callable[..., Netd],
                                                    sink: SyslogSink) -> None:
-    """50 daytime connections: 50 accepts, 50 exits with status 0, no child left behind."""
+    """50 daytime connections: 50 accepts and 50 closes (reason done), served by the
+    spawner itself: no process is started for any of them."""
     body, ports = all_builtins()
     netd = start_netd(body)
-    pids = []
+    spawners = set(Path(f"/proc/{netd.proc.pid}/task/{netd.proc.pid}/children").read_text()
+                   .split())
+    peers = []
     for _ in range(50):
         with connect(ports["daytime"]) as s:
             check_daytime(recv_all(s))
-            pids.append(accept_pid(sink, "daytime", s))
-    for pid in pids:
-        assert sink.wait_for(event="exit", pid=str(pid))["status"] == "0"
-    children = Path(f"/proc/{netd.proc.pid}/task/{netd.proc.pid}/children").read_text().split()
-    assert not set(children) & {str(p) for p in pids}
+            accept_pid(sink, "daytime", s)
+            peers.append(peer_of(s))
+    for peer in peers:
+        assert sink.wait_for(event="close", peer=peer)["reason"] == "done"
+    assert not sink.find(event="exit")
+    for spawner in spawners:
+        assert not Path(f"/proc/{spawner}/task/{spawner}/children").read_text().split()
 
 
 def test_builtins_in_workers_mode(start_netd: Callable[..., Netd], sink: SyslogSink) -> None:

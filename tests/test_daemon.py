@@ -192,7 +192,7 @@ def test_start_status_reload_stop_cycle(tmp_path: Path, sink: SyslogSink,
     assert status["daemon"]["last_reload"] is None
     echo = service_status(status, "echo")
     assert {(lst["address"], lst["mode"]) for lst in echo["listen"]} == {
-        (f"127.0.0.1:{port}", "nowait"), (str(unix_path), "nowait")}
+        (f"127.0.0.1:{port}", "inline"), (str(unix_path), "inline")}
     assert echo["state"] == "listening"
     assert (echo["children"], echo["accepted"], echo["refused"]) == (0, 1, 0)
     holder = service_status(status, "holder")
@@ -203,7 +203,7 @@ def test_start_status_reload_stop_cycle(tmp_path: Path, sink: SyslogSink,
     assert text.returncode == 0, output(text)
     for expected in (f"pid {pid}", str(config), f"127.0.0.1:{port}", str(unix_path),
                      "echo: listening", "1 accepted", "0 refused", "holder: busy", "1 children",
-                     "(wait)", "(nowait)"):
+                     "(wait)", "(inline)"):
         assert expected in text.stdout, f"{expected!r} not in:\n{text.stdout}"
     assert "up " in text.stdout
 

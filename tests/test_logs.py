@@ -133,7 +133,7 @@ def test_lifecycle_event_keys_in_order(start_netd: Callable[..., Netd], sink: Sy
         services:
           echo:
             listen: tcp://127.0.0.1:{port}
-            builtin: echo
+            exec: [/bin/cat]
         """)
     peer = echo_once(port)
     start = sink.wait_for(event="start")
@@ -162,6 +162,28 @@ def test_lifecycle_event_keys_in_order(start_netd: Callable[..., Netd], sink: Sy
     names = [e["event"] for e in sink.find()]
     assert names[:3] == ["start", "listen", "ready"], names
     assert names[-1] == "stop", names
+
+
+def test_inline_event_keys_in_order(start_netd: Callable[..., Netd], sink: SyslogSink) -> None:
+    """A builtin served inline: accept (mode=inline, the spawner's pid) and close, with
+    the documented keys in order."""
+    port = free_port()
+    start_netd(f"""
+        services:
+          echo:
+            listen: tcp://127.0.0.1:{port}
+            builtin: echo
+        """)
+    peer = echo_once(port)
+    assert sink.wait_for(event="listen")["mode"] == "inline"
+    accept = sink.wait_for(event="accept", peer=peer)
+    assert keys(accept) == ["event", "service", "proto", "peer", "local", "pid", "mode"]
+    assert (accept["service"], accept["local"], accept["mode"]) == (
+        "echo", f"127.0.0.1:{port}", "inline")
+    close = sink.wait_for(event="close", peer=peer)
+    assert keys(close) == ["event", "service", "peer", "pid", "reason", "duration"]
+    assert (close["pid"], close["reason"]) == (accept["pid"], "done")
+    assert DURATION.match(close["duration"]), close
 
 
 def test_other_event_keys_in_order(start_netd: Callable[..., Netd], sink: SyslogSink) -> None:
@@ -231,10 +253,10 @@ def test_listen_mode_is_nowait_or_wait(tmp_path: Path, start_netd: Callable[...,
             exec: [/bin/cat]
         """)
     modes = {e["service"]: e["mode"] for e in sink.find(event="listen")}
-    assert modes["tcpecho"] == "nowait"
+    assert modes["tcpecho"] == "inline"  # a builtin, served by its spawner itself
     assert modes["udpexec"] == "wait"
     assert modes["unixcat"] == "nowait"
-    assert modes["udpecho"] == "inline", modes  # answered by the supervisor itself
+    assert modes["udpecho"] == "inline", modes
 
 
 def test_error_event_keys(start_netd: Callable[..., Netd], sink: SyslogSink) -> None:
@@ -273,7 +295,7 @@ def test_only_documented_events(start_netd: Callable[..., Netd], sink: SyslogSin
             s.recv(10)
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     echo_once(echo)
-    sink.wait_for(event="exit", service="chargen")
+    sink.wait_for(event="close", service="chargen")
     assert netd.stop() == 0
     sink.wait_for(event="stop")
     seen = {e.get("event") for e in sink.find()}
@@ -339,7 +361,7 @@ def test_log_to_stderr_same_lines(start_netd: Callable[..., Netd], sink: SyslogS
             builtin: echo
         """)
     echo_once(tcp)
-    sink.wait_for(event="exit")
+    sink.wait_for(event="close")
     assert by_syslog.stop() == 0
     sink.wait_for(event="stop")
     syslog_events = sink.find()
@@ -353,7 +375,7 @@ services:
     lines = Lines.of_pipe(by_stderr.proc)
     lines.wait_for(r"^event=ready ")
     echo_once(other)
-    lines.wait_for(r"^event=exit ")
+    lines.wait_for(r"^event=close ")
     assert by_stderr.stop() == 0
     lines.wait_for(r"^event=stop ")
     stderr_lines = lines.snapshot()
@@ -386,7 +408,7 @@ services:
     for _ in range(3):
         peer = echo_once(port)
         lines.wait_for(rf"^event=accept .*peer={re.escape(peer)} ")
-    lines.wait_for(r"^event=exit ")
+    lines.wait_for(r"^event=close ")
     assert netd.proc.poll() is None
     assert netd.stop() == 0
     lines.wait_for(r"^event=stop ")
@@ -416,7 +438,7 @@ services:
         match = HEADER.match(line)
         assert match, line
         assert match[1] == "30" and match[3] == str(netd.proc.pid), line
-        received.wait_for(r"event=exit ")
+        received.wait_for(r"event=close ")
         assert netd.stop() == 0
         received.wait_for(r"event=stop ")
         assert not sink.find()

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 from netd.handlers.builtins import CHUNK, Stream
-from netd.loop import READ, WRITE, EventLoop
+from netd.loop import READ, WRITE, EventLoop, Timer
 
 MAX_UNSENT = 256 * 1024  # echo stops reading while this much waits to be sent
 
@@ -33,16 +33,21 @@ class InlineStream:
         self.closing = False  # once what is unsent is sent, the connection ends
         self.sent_at = 0      # where `endless` goes on from
         self.active_s = time.monotonic()
+        self.idle: Timer | None = None
+
+    def start(self) -> None:
+        """Begin serving (on_end may be called before this returns)."""
+        stream, conn = self.stream, self.conn
         conn.setblocking(False)
-        self.idle = loop.after(timeout_s, self._check_idle)
+        self.idle = self.loop.after(self.timeout_s, self._check_idle)
         if stream.greeting is not None:
             self.unsent, self.closing = stream.greeting(), True
             self._write()
         elif stream.endless is not None:
             conn.shutdown(socket.SHUT_RD)  # RFC 864: what the client sends is ignored
-            loop.watch(conn, self._write_endless, WRITE)
+            self.loop.watch(conn, self._write_endless, WRITE)
         else:
-            loop.watch(conn, self._read, READ)
+            self.loop.watch(conn, self._read, READ)
 
     def _read(self) -> None:
         try:

@@ -125,8 +125,7 @@ def fork_child(run: Callable[[], None], keep_fds: list[int], log: Log, service_n
     status = 1
     try:
         _become_clean_child(keep_fds)
-        log.backlog.clear()  # the supervisor's, not ours to send
-        log.patience_s = 1.0
+        log.in_child()  # what waits in it is the supervisor's, not ours to send
         become(identity)
         run()
         status = 0

@@ -6,7 +6,8 @@ Signal handlers do nothing but let Python write the signal number to the wake-up
 socket; the loop reads those numbers and does the work. With nothing to do, the loop
 sleeps in select() with no timeout: zero CPU at rest. It wakes by itself only when a
 timer is due (a worker restart, a max_duration, the end of a rate suspension, a PROXY
-header or control request deadline, the stop deadline, systemd's watchdog).
+header or control request deadline, the stop deadline, systemd's watchdog, the
+log's reconnect and its counts of repeated faults).
 """
 
 from __future__ import annotations
@@ -67,6 +68,8 @@ class Supervisor:
         self.config = config
         self.log = log
         self.notifier = notifier or Notifier()
+        self.notifier.log = log  # it says when the service manager stops reading
+        self.log_watched: int | None = None  # the log's fd while watched for room
         self.selector = selectors.DefaultSelector()
         self.services: dict[str, ServiceState] = {}
         self.children: dict[int, Child] = {}
@@ -284,6 +287,7 @@ class Supervisor:
             self._resume_due_services()
             self._expire_proxy_waits()
             self._expire_control_requests()
+            self.log.tick()
             if ping_s is not None:
                 self.notifier.watchdog()
             if self.stopping and deadline_s is None:
@@ -313,6 +317,9 @@ class Supervisor:
             due.append(min(wait.deadline_s for wait in self.proxy_waits))
         if self.control_requests:
             due.append(min(request.deadline_s for request in self.control_requests))
+        log_due_s = self.log.due_s()
+        if log_due_s is not None:
+            due.append(log_due_s)
         return due
 
     def _dispatch(self, target: object) -> None:
@@ -341,15 +348,16 @@ class Supervisor:
             self.log.flush()
 
     def _watch_log(self) -> None:
-        """Watch the log socket for room while lines wait in the log's backlog, or the
-        count of dropped lines waits to be reported."""
-        waiting = bool(self.log.backlog) or self.log.dropped > 0
-        for fd in self.log.fds():
-            watched = fd in self.selector.get_map()
-            if waiting and not watched:
-                self.selector.register(fd, selectors.EVENT_WRITE, "log")
-            elif not waiting and watched:
-                self.selector.unregister(fd)
+        """Watch the log socket for room while lines (or the count of lost ones) wait
+        and the socket is connected; while it is not, log.due_s() is the retry timer."""
+        fd = self.log.fileno() if self.log.waiting() else None
+        if fd == self.log_watched:
+            return
+        if self.log_watched is not None:
+            self.selector.unregister(self.log_watched)
+        if fd is not None:
+            self.selector.register(fd, selectors.EVENT_WRITE, "log")
+        self.log_watched = fd
 
     def _handle_signals(self) -> None:
         try:

@@ -230,10 +230,11 @@ class Repeats:
         self._open(key, now)
         return stands_for
 
-    def due(self, now: float) -> list[Line]:
-        """The lines for windows that ended with repeats in them (each opens the next)."""
+    def due(self, now: float, everything: bool = False) -> list[Line]:
+        """The lines for windows that ended with repeats in them (each opens the next);
+        with `everything`, for every window with repeats, ended or not."""
         lines: list[Line] = []
-        while self.due_heap and self.due_heap[0][0] <= now:
+        while self.due_heap and (everything or self.due_heap[0][0] <= now):
             ends_s, _, key = heapq.heappop(self.due_heap)
             window = self.windows.get(key)
             if window is None or window.ends_s != ends_s or window.last is None:
@@ -368,6 +369,13 @@ class Log:
         if self.retry_at_s is not None and self.retry_at_s <= now:
             self.flush()
 
+    def wind_up(self) -> None:
+        """Before the process leaves its loop for good: log the repeats not counted yet,
+        and from now on wait up to 1 s for the target (no loop is left to flush from)."""
+        self.patience_s = 1.0
+        for line in self.repeats.due(time.monotonic(), everything=True):
+            self._put(line)
+
     # -- in a forked child -----------------------------------------------------------
 
     def in_child(self) -> None:
@@ -389,7 +397,8 @@ class Log:
     # -- sending ---------------------------------------------------------------------
 
     def _put(self, line: Line) -> None:
-        if self.waiting() or not self._send(line):
+        if (self.backlog or self.dropped or self.outage_since_s is not None
+                or not self._send(line)):
             if len(self.backlog) >= self.BACKLOG_MAX:
                 self.dropped += 1
             else:

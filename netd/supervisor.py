@@ -301,7 +301,7 @@ class Supervisor:
         for state in list(self.services.values()):
             self._drain_stderr(state)
         self.close_all()
-        self.log.patience_s = 1.0  # no loop left to flush from: wait for the log instead
+        self.log.wind_up()  # no loop left to flush from: wait for the log instead
         self.log.event("stop", signal=self.stopping)
         self.log.flush()
         return 0

@@ -751,6 +751,29 @@ def test_repeats_folded_into_counts_on_a_real_socket(tmp_path: Path) -> None:
     assert log.due_s() is None  # nothing left to report: no timer while idle
 
 
+def test_repeats_not_counted_yet_are_logged_when_the_loop_ends(tmp_path: Path) -> None:
+    """A process that stops within a window (the supervisor at SIGTERM) logs the count
+    of the repeats folded so far before its last line, not never."""
+    path = tmp_path / "log.sock"
+    reader = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    reader.bind(str(path))
+    try:
+        lines = Lines.of_socket(reader)
+        log = Log(SyslogTarget(str(path), "daemon"))
+        for _ in range(3):
+            log.event("control", "warning", result="refused", reason="garbage")
+        log.wind_up()
+        log.event("stop", signal="SIGTERM")
+        lines.wait_for(r"event=stop ")
+        got = [re.sub(r"^.*\]: ", "", line) for line in lines.snapshot()]
+    finally:
+        reader.close()
+    assert got == ["event=control result=refused reason=garbage",
+                   "event=control result=refused reason=garbage repeated=2",
+                   "event=stop signal=SIGTERM"], got
+    assert log.due_s() is None
+
+
 def test_a_fault_repeating_thousands_of_times_logs_a_few_lines(
         tmp_path: Path, start_netd: Callable[..., Netd], sink: SyslogSink) -> None:
     """An exec service whose program was removed after start: every one of 1,500

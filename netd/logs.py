@@ -215,7 +215,7 @@ class Repeats:
              now: float) -> int | None:
         """How many occurrences the line for this one stands for (1: log it as it is),
         or None when it is folded into a later line."""
-        key: Key = (event, severity, *((k, v) for k, v in fields.items()
+        key: Key = (event, severity, *((k, str(v)) for k, v in fields.items()
                                        if k not in INSTANCE_KEYS and v is not None))
         window = self.windows.get(key)
         if window is not None and now < window.ends_s:
@@ -275,12 +275,13 @@ class Log:
     counted, and the count is logged once lines flow again. A target that is gone
     is reconnected to on a timer. The event loop drives this with:
     - fileno(): watch it for writing while waiting() is true, and call flush();
-    - due_s(): at that monotonic time call tick() (a retry, or a count of repeats).
+    - due_s(): at that monotonic time call tick() (a retry, or a count of repeats);
+    - wind_up() when the loop is over, before the last lines.
     A forked child calls in_child(): with no loop, it waits up to `patience_s`.
     """
 
     BACKLOG_MAX = 1000
-    RETRY_FIRST_S = 0.1   # a daemon that restarts is back within this, usually
+    RETRY_FIRST_S = 0.1   # soon, for a daemon that restarts: little to hold meanwhile
     RETRY_MAX_S = 2.0     # the retry interval doubles up to this while it stays away
     # Events that report a fault, folded when they repeat. Records of connections and
     # children (accept, exit, refuse...) and changes of state (listen, reload,

@@ -232,8 +232,8 @@ def test_unread_notify_socket_costs_messages_not_service(
         tmp_path: Path, sink: SyslogSink, netds: list[subprocess.Popen[bytes]]) -> None:
     """A NOTIFY_SOCKET nobody reads (a stalled service manager): its queue fills with
     watchdog pings, yet netd answers 50 connections; the messages it could not send
-    are dropped and counted, not queued: once the socket is read again, only what the
-    kernel's queue held is there, and netd logs how many it dropped.
+    are dropped and counted: the first drop is logged, and once the socket is read
+    again, how many were dropped.
     (libsystemd's sd_notify blocked in sendmsg here: netd froze after 5 connections.)"""
     path = tmp_path / "notify.sock"
     stalled = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -252,16 +252,7 @@ services:
         assert netd.proc.poll() is None
         first = sink.wait_for(event="notify_dropped")
         assert first["socket"] == str(path), first
-        queued = []
-        stalled.setblocking(False)
-        while True:
-            try:
-                queued.append(stalled.recv(4096))
-            except BlockingIOError:
-                break
-        qlen = int(Path("/proc/sys/net/unix/max_dgram_qlen").read_text())
-        assert 0 < len(queued) <= qlen + 1, len(queued)
-        # Read on: pings go through again, and the drops are reported, once.
+        # Read: pings go through again, and the drops are reported, once, with their count.
         stalled.settimeout(0.2)
         reading = threading.Thread(target=read_until_closed, args=(stalled,), daemon=True)
         reading.start()

@@ -87,7 +87,7 @@ def fork_handler(run: Callable[[], None], keep_fds: list[int], log: Log,
     status = 1
     try:
         _become_clean_child(keep_fds)
-        log.forked(patience_s=1.0)
+        log.in_child()  # what waits in it is its parent's, not ours to send
         run()
         status = 0
     except (ConnectionError, TimeoutError) as e:

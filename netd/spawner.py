@@ -135,7 +135,7 @@ class Spawner:
             self.log.pump(self.loop)
             self.loop.run_once()
         self._flush_batch()
-        self.log.patience_s = 1.0
+        self.log.wind_up()
         self.log.flush()
 
     def _serve(self, served: Served) -> None:

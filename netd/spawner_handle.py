@@ -31,11 +31,11 @@ class SpawnerHandle:
         sockets = [lst.sock.fileno() for _, listeners in plan.services for lst in listeners]
 
         def main() -> None:
-            log.forked(patience_s=0.0)  # a spawner never stalls its loop on a slow syslog
+            log.in_child(has_loop=True)  # it never stalls its loop on a slow syslog
             try:
                 Spawner(plan, theirs, log).run()
             except Exception as e:  # a fault of ours: say what, then leave (status 1)
-                log.patience_s = 1.0
+                log.wind_up()
                 log.event("error", "err", user=plan.identity.user, pid=os.getpid(),
                           msg=f"spawner failed: {type(e).__name__}: {e}",
                           traceback="".join(traceback.format_exception(e)).rstrip())

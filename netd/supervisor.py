@@ -77,6 +77,7 @@ class Supervisor:
         self.config = config
         self.log = log
         self.notifier = notifier or Notifier()
+        self.notifier.log = log  # it says when the service manager stops reading
         self.loop = EventLoop()
         self.records: dict[str, Record] = {}
         self.spawners: dict[Identity, SpawnerHandle] = {}      # the serving one per identity
@@ -300,7 +301,7 @@ class Supervisor:
             self.log.pump(self.loop)
             self.loop.run_once()
         self.close_all()
-        self.log.patience_s = 1.0  # no loop left to flush from: wait for the log instead
+        self.log.wind_up()  # no loop left to flush from: wait for the log instead
         self.log.event("stop", signal=self.stopping)
         self.log.flush()
         return 0

@@ -2,7 +2,8 @@
 
 (The journal log target lives with the other targets in netd.logs.) Everything
 here is optional: with no service manager around, notify() does nothing
-and no sockets are passed. A manager that went away never stops netd.
+and no sockets are passed. A manager that went away never stops netd, and one
+that does not read its notify socket costs dropped messages, never a blocked loop.
 """
 
 from __future__ import annotations
@@ -12,14 +13,28 @@ import socket
 import time
 
 from netd.config.model import Address
+from netd.logs import Log
 from systemd import daemon
 
 
 class Notifier:
-    """sd_notify for the supervisor; silent when NOTIFY_SOCKET is not set."""
+    """sd_notify for the supervisor; silent when NOTIFY_SOCKET is not set.
+
+    It sends on its own non-blocking datagram socket (libsystemd's sd_notify blocks
+    in sendmsg when the manager does not read, and that would freeze the loop): a
+    message the socket's queue cannot take is dropped and counted in `dropped`. The
+    first drop of a run is logged, and so is the count once messages go through again.
+    """
 
     def __init__(self) -> None:
-        self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
+        self.path = os.environ.get("NOTIFY_SOCKET", "")
+        self.enabled = bool(self.path)
+        # "@name" is a socket in the abstract namespace: a leading NUL byte on the wire.
+        self.address = "\0" + self.path[1:] if self.path.startswith("@") else self.path
+        self.sock: socket.socket | None = None
+        self.dropped = 0
+        self.dropping = 0  # dropped in the current run, not yet reported
+        self.log: Log | None = None
         usec = os.environ.get("WATCHDOG_USEC", "")
         pid = os.environ.get("WATCHDOG_PID", "")
         watched = usec.isdigit() and (not pid or pid == str(os.getpid()))
@@ -27,13 +42,27 @@ class Notifier:
         self.watchdog_interval_s = int(usec) / 2e6 if watched else None
 
     def send(self, *lines: str) -> None:
-        """Send one notification made of `lines` (READY=1, STATUS=..., ...)."""
+        """Send one notification made of `lines` (READY=1, STATUS=..., ...), or drop it
+        when the manager's socket cannot take it now."""
         if not self.enabled:
             return
         try:
-            daemon.notify("\n".join(lines))
+            if self.sock is None:
+                self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                self.sock.setblocking(False)
+            self.sock.sendto("\n".join(lines).encode(), self.address)
+        except BlockingIOError:
+            self.dropped += 1
+            self.dropping += 1
+            if self.dropping == 1 and self.log is not None:
+                self.log.event("notify_dropped", "warning", socket=self.path)
+            return
         except OSError:
-            pass  # the manager is gone; serving goes on
+            return  # the manager is gone; serving goes on
+        if self.dropping:
+            if self.log is not None:
+                self.log.event("notify_dropped", "warning", count=self.dropping)
+            self.dropping = 0
 
     def ready(self, status: str) -> None:
         self.send("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")

@@ -35,7 +35,7 @@ def run_worker(service: Service, sockets: list[socket.socket], log: Log) -> None
     # A worker left behind by a supervisor killed with SIGKILL would go on accepting
     # on its sockets for ever: have the kernel SIGTERM it when the supervisor dies.
     die_with_parent(signal.SIGTERM)
-    log.forked(patience_s=0.0)  # never stall every connection of this worker on a slow syslog
+    log.in_child(has_loop=True)  # never stall every connection of a worker on a slow syslog
     asyncio.run(_serve_all(service, sockets, log))
 
 

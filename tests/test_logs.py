@@ -1,5 +1,6 @@
 """netd's log lines against docs/logging.md: keys and their order, syslog framing and
-priorities, the stderr and UDP targets, a missing or stalled syslog socket."""
+priorities, the stderr and UDP targets, a missing, stalled, restarted or replaced
+syslog socket, and faults that repeat folded into counts."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -23,7 +25,10 @@ from conftest import (
     free_port,
     parse_logfmt,
     recv_all,
+    wait_until,
 )
+
+from netd.logs import Log, Repeats, SyslogTarget
 
 WAIT_S = 10.0
 DURATION = re.compile(r"^\d+\.\d{3}s$")
@@ -33,10 +38,6 @@ DOCUMENTED = {line.split("|")[1].strip()
               for line in (REPO / "docs" / "logging.md").read_text().splitlines()
               if line.startswith("| ") and not line.startswith("| event")}
 SEVERITY = {"err": 3, "warning": 4, "info": 6, "debug": 7}
-
-
-
-
 
 
 def keys(event: dict[str, str]) -> list[str]:
@@ -546,3 +547,293 @@ services:
     # start, 2 listen, ready; accept+exit per echo; accept, error, exit of boom; stop.
     meant = 4 + 2 * connections + 3 + 1
     assert len(delivered) + count == meant, (len(delivered), count)
+
+
+# -- a syslog daemon that goes away -----------------------------------------------------
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of a process, in clock ticks (100 a second)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def drain(log: Log, lines: Lines, pattern: str, timeout_s: float = WAIT_S) -> str:
+    """Drive `log` as an event loop would (flush, and tick when due) until a line
+    matching `pattern` arrives; returns it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        log.flush()
+        due = log.due_s()
+        if due is not None and due <= time.monotonic():
+            log.tick()
+        try:
+            return lines.wait_for(pattern, timeout_s=0.02)
+        except AssertionError:
+            if time.monotonic() >= deadline:
+                raise
+
+
+def test_log_reconnects_on_a_timer_with_one_fd(tmp_path: Path) -> None:
+    """The syslog socket closed, then a regular file at its path, then a new socket
+    there: lines wait, the log's fd stays the same one (never closed under a loop that
+    watches it) and is not offered for watching while nothing is connected; retries
+    wait on the timer, further apart each time; the new socket gets the lines and one
+    log_dropped line that says how long and why."""
+    path = tmp_path / "log.sock"
+    first = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    first.bind(str(path))
+    log = Log(SyslogTarget(str(path), "daemon"))
+    fds = log.fds()
+    log.event("start", pid=1)
+    assert b"event=start pid=1" in first.recv(1000)
+    first.close()  # the daemon stops: its socket file stays, nobody reads it
+
+    log.event("accept", service="s", pid=2)
+    assert log.fileno() is None and log.waiting()
+    retry = log.due_s()
+    assert retry is not None
+    path.unlink()
+    path.write_text("not a socket")
+    gaps = []
+    for _ in range(3):
+        due = log.due_s()
+        assert due is not None
+        wait_until(lambda due=due: time.monotonic() >= due, "the retry to be due")
+        ticked = time.monotonic()
+        log.tick()
+        next_due = log.due_s()
+        assert next_due is not None and log.fileno() is None
+        gaps.append(next_due - ticked)
+    assert gaps == sorted(gaps) and gaps[0] < gaps[-1], gaps  # backing off, no spinning
+    log.event("exit", service="s", pid=2, status=0)
+    assert log.fds() == fds
+
+    path.unlink()
+    second = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    second.bind(str(path))
+    try:
+        lines = Lines.of_socket(second)
+        report = drain(log, lines, r"event=log_dropped ")
+        assert log.fileno() == fds[0] and not log.waiting() and log.due_s() is None
+        got = lines.snapshot()
+    finally:
+        second.close()
+    assert [re.sub(r"^.*\]: ", "", line) for line in got[:2]] == [
+        "event=accept service=s pid=2", "event=exit service=s pid=2 status=0"]
+    match = HEADER.match(report)
+    assert match, report
+    fields = parse_logfmt(match[4])
+    assert keys(fields) == ["event", "count", "outage", "msg"]
+    assert fields["count"] == "0" and DURATION.match(fields["outage"]), fields
+    assert fields["msg"] == f"{path} is not a socket", fields
+
+
+def gone_syslog(start_netd: Callable[..., Netd], sink: SyslogSink) -> tuple[Netd, int]:
+    """A netd with an echo service whose syslog daemon has just stopped reading and
+    closed its socket (its file stays at the path, as when rsyslog stops)."""
+    port = free_port()
+    netd = start_netd(f"""
+        services:
+          echo:
+            listen: tcp://127.0.0.1:{port}
+            builtin: echo
+        """)
+    sink.close()
+    return netd, port
+
+
+def stderr_of(netd: Netd) -> str:
+    """What a stopped netd wrote on its stderr."""
+    _, err = netd.proc.communicate(timeout=WAIT_S)
+    return err.decode()
+
+
+def test_syslog_daemon_restart_keeps_netd_serving(start_netd: Callable[..., Netd],
+                                                  sink: SyslogSink) -> None:
+    """The syslog daemon restarts (its socket closed, then a new one at the same path):
+    netd serves all along, holds the lines meanwhile and delivers them to the new
+    socket, then says once how long logging was out and that no line was lost.
+    (It used to crash: `ValueError: Invalid file descriptor: -1` in _watch_log.)"""
+    netd, port = gone_syslog(start_netd, sink)
+    peers = [echo_once(port) for _ in range(3)]
+    assert netd.proc.poll() is None
+    sink.path.unlink()
+    back = SyslogSink(sink.path)
+    try:
+        report = back.wait_for(event="log_dropped")
+        assert report["count"] == "0" and DURATION.match(report["outage"]), report
+        assert "closed its socket" in report["msg"], report
+        for peer in peers:
+            back.wait_for(event="accept", peer=peer)
+        wait_until(lambda: len(back.find(event="exit")) == 3, "the 3 exits held meanwhile")
+        peer = echo_once(port)
+        back.wait_for(event="accept", peer=peer)
+        assert netd.stop() == 0
+        back.wait_for(event="stop")
+        assert len(back.find(event="log_dropped")) == 1
+    finally:
+        back.close()
+    notices = [line for line in stderr_of(netd).splitlines() if "syslog" in line]
+    assert len(notices) == 1 and str(sink.path) in notices[0], notices
+
+
+def test_syslog_socket_gone_for_long_costs_counted_lines_not_cpu(
+        start_netd: Callable[..., Netd], sink: SyslogSink) -> None:
+    """No socket at the path while 600 connections make 1200 lines: more than the
+    backlog holds. netd serves them all, does not spin while it waits for syslog, and
+    once a socket is back it gets the held lines and one log_dropped line whose count
+    makes up exactly for the rest."""
+    netd, port = gone_syslog(start_netd, sink)
+    sink.path.unlink()
+    connections = 600
+    for _ in range(connections):
+        echo_once(port, b"x" * 10)
+    assert netd.proc.poll() is None
+    time.sleep(0.5)  # the last children exit; then netd has nothing to do but wait
+    ticks = cpu_ticks(netd.proc.pid)
+    time.sleep(1.0)
+    assert cpu_ticks(netd.proc.pid) - ticks < 25, "netd spins while syslog is gone"
+    back = SyslogSink(sink.path)
+    try:
+        report = back.wait_for(event="log_dropped")
+        echo_once(port)
+        connections += 1
+        assert netd.stop() == 0
+        back.wait_for(event="stop")
+        delivered = [e for e in back.find() if e["event"] != "log_dropped"]
+    finally:
+        back.close()
+    count = int(report["count"])
+    assert count > 0, report
+    assert "No such file or directory" in report["msg"], report
+    # accept + exit per connection, then stop: each delivered or counted, once.
+    assert len(delivered) + count == 2 * connections + 1, (len(delivered), count)
+
+
+def test_syslog_socket_replaced_by_a_file(start_netd: Callable[..., Netd],
+                                          sink: SyslogSink) -> None:
+    """A regular file where the syslog socket was: netd serves, does not spin, and
+    when a socket is back it says that the path was not a socket."""
+    netd, port = gone_syslog(start_netd, sink)
+    sink.path.unlink()
+    sink.path.write_text("a file, not a socket\n")
+    peer = echo_once(port)
+    time.sleep(0.5)
+    ticks = cpu_ticks(netd.proc.pid)
+    time.sleep(1.0)
+    assert cpu_ticks(netd.proc.pid) - ticks < 25, "netd spins on a file at the socket's path"
+    assert echo_once(port) and netd.proc.poll() is None
+    sink.path.unlink()
+    back = SyslogSink(sink.path)
+    try:
+        report = back.wait_for(event="log_dropped")
+        assert report["msg"] == f"{sink.path} is not a socket", report
+        back.wait_for(event="accept", peer=peer)
+        assert netd.stop() == 0
+    finally:
+        back.close()
+    notices = [line for line in stderr_of(netd).splitlines() if "syslog" in line]
+    assert len(notices) == 1, notices
+
+
+# -- a fault that repeats ---------------------------------------------------------------
+
+
+def test_repeats_folded_into_counts_on_a_real_socket(tmp_path: Path) -> None:
+    """3,000 identical errors make one line, then one line with repeated=2999 when the
+    window ends; a pid or traceback that differs does not make another fault, another
+    msg or service does; accept and exit lines are never folded."""
+    path = tmp_path / "log.sock"
+    reader = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    reader.bind(str(path))
+    try:
+        lines = Lines.of_socket(reader)
+        log = Log(SyslogTarget(str(path), "daemon"))
+        log.repeats = Repeats(window_s=0.5)
+        for i in range(3000):
+            log.event("error", "err", service="s", pid=i, msg="accept failed: Boom",
+                      traceback=f"frame {i}")
+        log.event("error", "err", service="s", msg="something else")
+        log.event("error", "err", service="t", msg="accept failed: Boom")
+        for pid in (7, 7, 8):
+            log.event("accept", service="s", proto="tcp", pid=pid)
+            log.event("exit", service="s", pid=pid, status=0)
+        summary = drain(log, lines, r"repeated=")
+        got = [re.sub(r"^.*\]: ", "", line) for line in lines.snapshot()]
+    finally:
+        reader.close()
+    assert got[0] == 'event=error service=s pid=0 msg="accept failed: Boom" traceback="frame 0"'
+    assert summary.endswith('event=error service=s pid=2999 msg="accept failed: Boom" '
+                            'traceback="frame 2999" repeated=2999'), summary
+    assert got.count('event=error service=s msg="something else"') == 1
+    assert got.count('event=error service=t msg="accept failed: Boom"') == 1
+    assert got.count("event=accept service=s proto=tcp pid=7") == 2
+    assert got.count("event=exit service=s pid=7 status=0") == 2
+    assert len(got) == 10, got
+    assert log.due_s() is None  # nothing left to report: no timer while idle
+
+
+def test_repeats_not_counted_yet_are_logged_when_the_loop_ends(tmp_path: Path) -> None:
+    """A process that stops within a window (the supervisor at SIGTERM) logs the count
+    of the repeats folded so far before its last line, not never."""
+    path = tmp_path / "log.sock"
+    reader = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    reader.bind(str(path))
+    try:
+        lines = Lines.of_socket(reader)
+        log = Log(SyslogTarget(str(path), "daemon"))
+        for _ in range(3):
+            log.event("control", "warning", result="refused", reason="garbage")
+        log.wind_up()
+        log.event("stop", signal="SIGTERM")
+        lines.wait_for(r"event=stop ")
+        got = [re.sub(r"^.*\]: ", "", line) for line in lines.snapshot()]
+    finally:
+        reader.close()
+    assert got == ["event=control result=refused reason=garbage",
+                   "event=control result=refused reason=garbage repeated=2",
+                   "event=stop signal=SIGTERM"], got
+    assert log.due_s() is None
+
+
+def test_a_fault_repeating_thousands_of_times_logs_a_few_lines(
+        tmp_path: Path, start_netd: Callable[..., Netd], sink: SyslogSink) -> None:
+    """An exec service whose program was removed after start: every one of 1,500
+    connections fails to start a child. The log gets the first error, then at most
+    one line per window with the count of repeats, and the counts add up exactly."""
+    program = tmp_path / "hello.sh"
+    program.write_text("#!/bin/sh\necho hello\n")
+    program.chmod(0o755)
+    port = free_port()
+    netd = start_netd(f"""
+        services:
+          hello:
+            listen: tcp://127.0.0.1:{port}
+            exec: [{program}]
+            user: root  # nobody could not reach tmp_path
+        """)
+    with connect(port) as s:
+        assert recv_all(s) == b"hello\n"
+    program.unlink()
+    started = time.monotonic()
+
+    def fail(_: int) -> None:
+        for _ in range(500):
+            with connect(port) as s:
+                assert recv_all(s) == b""
+
+    with ThreadPoolExecutor(3) as pool:
+        list(pool.map(fail, range(3)))
+
+    def failures() -> int:
+        return sum(int(e.get("repeated", "1")) for e in sink.find(event="error"))
+
+    wait_until(lambda: failures() >= 1500, "every failure counted", timeout_s=20)
+    windows = (time.monotonic() - started) / Repeats().window_s
+    errors = sink.find(event="error")
+    assert failures() == 1500, errors
+    assert len(errors) <= 2 + windows, errors
+    assert errors[0]["msg"].startswith("cannot start child"), errors[0]
+    assert "repeated" not in errors[0] and all("repeated" in e for e in errors[1:]), errors
+    assert netd.proc.poll() is None

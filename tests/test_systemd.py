@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +30,7 @@ from conftest import (
     output,
     recv_all,
     run_netd,
+    wait_until,
     write_config,
 )
 
@@ -224,6 +226,78 @@ services:
     time.sleep(0.5)
     assert notify.with_key("WATCHDOG") == []
     assert netd.stop() == 0
+
+
+def test_unread_notify_socket_costs_messages_not_service(
+        tmp_path: Path, sink: SyslogSink, netds: list[subprocess.Popen[bytes]]) -> None:
+    """A NOTIFY_SOCKET nobody reads (a stalled service manager): its queue fills with
+    watchdog pings, yet netd answers 50 connections; the messages it could not send
+    are dropped and counted: the first drop is logged, and once the socket is read
+    again, how many were dropped.
+    (libsystemd's sd_notify blocked in sendmsg here: netd froze after 5 connections.)"""
+    path = tmp_path / "notify.sock"
+    stalled = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    stalled.bind(str(path))
+    try:
+        port = free_port()
+        netd = start_notified(tmp_path, sink, f"""\
+services:
+  echo:
+    listen: tcp://127.0.0.1:{port}
+    builtin: echo
+""", {"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "2000"}, netds)
+        netd.wait_ready()
+        for n in range(50):
+            assert echo_roundtrip(port, f"{n}\n".encode()) == f"{n}\n".encode()
+        assert netd.proc.poll() is None
+        first = sink.wait_for(event="notify_dropped")
+        assert first["socket"] == str(path), first
+        # Read: pings go through again, and the drops are reported, once, with their count.
+        stalled.settimeout(0.2)
+        reading = threading.Thread(target=read_until_closed, args=(stalled,), daemon=True)
+        reading.start()
+        wait_until(lambda: len(sink.find(event="notify_dropped")) >= 2, "the count of drops")
+        reports = sink.find(event="notify_dropped")
+        assert int(reports[1]["count"]) > 0, reports
+        assert echo_roundtrip(port) == b"hello\n"
+        assert netd.stop() == 0
+        assert len(sink.find(event="notify_dropped")) == 2, sink.find(event="notify_dropped")
+    finally:
+        stalled.close()
+
+
+def read_until_closed(sock: socket.socket) -> None:
+    """Read and forget datagrams until `sock` is closed (its timeout bounds each read)."""
+    while True:
+        try:
+            sock.recv(4096)
+        except TimeoutError:
+            continue
+        except OSError:
+            return
+
+
+def test_notify_socket_in_the_abstract_namespace(
+        tmp_path: Path, sink: SyslogSink, netds: list[subprocess.Popen[bytes]]) -> None:
+    """NOTIFY_SOCKET=@name is a socket in Linux's abstract namespace, as systemd may
+    pass it: READY=1 reaches it."""
+    name = f"netd-test-{os.getpid()}-{time.monotonic_ns()}"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind("\0" + name)
+    listener.settimeout(WAIT_S)
+    try:
+        port = free_port()
+        netd = start_notified(tmp_path, sink, f"""\
+services:
+  echo:
+    listen: tcp://127.0.0.1:{port}
+    builtin: echo
+""", {"NOTIFY_SOCKET": "@" + name}, netds)
+        assert b"READY=1" in listener.recv(4096).split(b"\n")
+        assert echo_roundtrip(port) == b"hello\n"
+        assert netd.stop() == 0
+    finally:
+        listener.close()
 
 
 # -- socket activation ------------------------------------------------------------------

@@ -143,11 +143,11 @@ class SyslogTarget:
     def reconnect(self) -> None:
         try:
             self.sock.connect(self.sockaddr)
-        except ConnectionRefusedError:
+        except OSError as e:
             if not self.udp and _exists_but_not_socket(self.address):
                 raise OSError(errno.ENOTSOCK, f"{self.address} is not a socket") from None
-            raise OSError(errno.ECONNREFUSED, f"{self.address}: nobody reads it") from None
-        except OSError as e:
+            if isinstance(e, ConnectionRefusedError):
+                raise OSError(errno.ECONNREFUSED, f"{self.address}: nobody reads it") from None
             raise OSError(e.errno, f"{self.address}: {e.strerror or e}") from None
 
 

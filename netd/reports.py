@@ -1,9 +1,9 @@
 """What a spawner and the supervisor say to each other over their socket pair.
 
-Spawner to supervisor, in batches (at most one per BATCH_DELAY_S, so a busy spawner
-costs the supervisor a wake-up per batch, not per connection): the children it
-started and those that ended, how many connections each service accepted and
-refused since the last batch, and each service's state when it changed.
+Spawner to supervisor, in batches (one per wake-up of the spawner that did something,
+so a busy spawner costs the supervisor a wake-up per batch, not per connection): the
+children it started and those that ended, how many connections each service accepted
+and refused since the last batch, and each service's state when it changed.
 
 Supervisor to spawner, as notes: `retire` (stop accepting, let the children finish,
 then leave), `stop` (netd is stopping: end the children too), and `ended` (children
@@ -17,7 +17,6 @@ import socket
 from dataclasses import dataclass, field
 from typing import Any
 
-BATCH_DELAY_S = 0.01
 BATCH_MAX = 200  # entries; a fuller batch is sent at once
 
 

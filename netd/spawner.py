@@ -24,7 +24,6 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -40,7 +39,7 @@ from netd.peer import Peer, accept_fields, describe, refuse_fields
 from netd.policy import Counters, RateWindow, Refuse, check_rate, decide, source_key
 from netd.proxy import ProxyHeader
 from netd.proxywait import ProxyWait
-from netd.reports import BATCH_DELAY_S, BATCH_MAX, Batch, Started, read_notes
+from netd.reports import BATCH_MAX, Batch, Started, read_notes
 from netd.spawn import exec_env, fork_handler, serve_python, signal_group, spawn_exec
 from netd.stderr import StderrPipe
 
@@ -96,17 +95,17 @@ class ProxyArrival(ProxyWait):
 class Spawner:
     """The loop of one spawner process; `run()` returns when it may leave."""
 
-    def __init__(self, plan: Plan, link: socket.socket, log: Log) -> None:
+    def __init__(self, plan: Plan, link: socket.socket, log: Log, devnull: int) -> None:
         self.plan = plan
         self.link = link
         self.log = log
+        self.devnull = devnull  # opened before a chroot could hide /dev/null
         self.loop = EventLoop()
         self.children = ChildTable()
         self.streams: set[InlineStream] = set()
-        self.devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
         self.leaving: str | None = None  # "retire" or "stop"
         self.batch = Batch()
-        self.batch_at: Timer | None = None
+        self.counted = False  # something to report since the last batch
         self.served = {service.name: Served(service, listeners)
                        for service, listeners in plan.services}
         self.proxies: FirstBytes[ProxyArrival, ProxyHeader] = FirstBytes(
@@ -132,6 +131,7 @@ class Spawner:
             self._serve(served)
         self._reap()  # a child that ended before the handlers were in place
         while not self._done():
+            self._flush_batch()  # what this wake-up did, in one report
             self.log.pump(self.loop)
             self.loop.run_once()
         self._flush_batch()
@@ -508,19 +508,19 @@ class Spawner:
 
     def _report(self, started: Started | None = None,
                 ended: tuple[int, int] | None = None) -> None:
-        """Note something for the supervisor; batches go out at most every BATCH_DELAY_S."""
+        """Note something for the supervisor: it goes out with the wake-up's batch."""
         if started is not None:
             self.batch.started.append(started)
         if ended is not None:
             self.batch.ended.append(ended)
+        self.counted = True
         if len(self.batch) >= BATCH_MAX:
             self._flush_batch()
-        elif self.batch_at is None:
-            self.batch_at = self.loop.after(BATCH_DELAY_S, self._flush_batch)
 
     def _flush_batch(self) -> None:
-        self.loop.cancel(self.batch_at)
-        self.batch_at = None
+        if not self.counted:
+            return
+        self.counted = False
         for served in self.served.values():
             if served.accepted or served.refused:
                 self.batch.counts[served.service.name] = [served.accepted, served.refused]
@@ -543,8 +543,3 @@ def _local(served: Served, listener: Listener, peer: Peer) -> str:
 
 def _note_signal(signum: int, frame: object) -> None:
     """The signal number reaches the loop through the wake-up fd; nothing to do here."""
-
-
-def spawner_main(plan: Plan, link: socket.socket, log: Log) -> Callable[[], None]:
-    """The main function of a spawner process, for spawn.fork_helper."""
-    return lambda: Spawner(plan, link, log).run()

@@ -30,10 +30,12 @@ class SpawnerHandle:
         self.link, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         sockets = [lst.sock.fileno() for _, listeners in plan.services for lst in listeners]
 
+        devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+
         def main() -> None:
             log.in_child(has_loop=True)  # it never stalls its loop on a slow syslog
             try:
-                Spawner(plan, theirs, log).run()
+                Spawner(plan, theirs, log, devnull).run()
             except Exception as e:  # a fault of ours: say what, then leave (status 1)
                 log.wind_up()
                 log.event("error", "err", user=plan.identity.user, pid=os.getpid(),
@@ -42,18 +44,21 @@ class SpawnerHandle:
                 raise
 
         try:
-            self.pid = fork_helper(main, [theirs.fileno(), *sockets, *log.fds()], plan.identity)
+            self.pid = fork_helper(main, [theirs.fileno(), devnull, *sockets, *log.fds()],
+                                   plan.identity)
         finally:
             theirs.close()
+            os.close(devnull)
         self.link.setblocking(False)
-        loop.watch(self.link, self._read)
+        loop.watch(self.link, self.read)
 
     @property
     def services(self) -> list[str]:
         """The names of the services it serves."""
         return [service.name for service, _ in self.plan.services]
 
-    def _read(self) -> None:
+    def read(self) -> None:
+        """Take in every batch waiting on the link."""
         while True:
             try:
                 data = self.link.recv(1 << 20)
@@ -84,6 +89,6 @@ class SpawnerHandle:
 
     def close(self) -> None:
         """Forget the process (it has exited): drain its last reports, close the link."""
-        self._read()
+        self.read()
         self.loop.unwatch(self.link)
         self.link.close()

@@ -271,6 +271,7 @@ class Supervisor:
     def reload(self) -> dict[str, Any]:
         """Re-read the config file and apply the difference; on any error keep all as is."""
         self.notifier.reloading()
+        self._read_reports()
         try:
             changes = self.apply(load_config(self.config.path))
         except ConfigError as e:
@@ -474,8 +475,15 @@ class Supervisor:
 
     # -- status -----------------------------------------------------------------------
 
+    def _read_reports(self) -> None:
+        """Take in what every spawner has reported so far (so counters are current)."""
+        for helper in list(self.helpers.values()):
+            if isinstance(helper, SpawnerHandle):
+                helper.read()
+
     def status(self) -> dict[str, Any]:
         """What `netd status` shows: the daemon, then every service with its counters."""
+        self._read_reports()
         children: dict[str, int] = {}
         held = set()
         for child in self.children.values():

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -103,6 +105,8 @@ class DatagramSink:
         self.path = path
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
+        # As /dev/log is: netd's spawners, which run as other users, send to it too.
+        os.chmod(path, 0o666)
         self.sock.settimeout(0.2)
         self._cond = threading.Condition()
         self._stop = False
@@ -217,11 +221,16 @@ def netd_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 
 
 @pytest.fixture
-def sink(tmp_path: Path) -> Iterator[SyslogSink]:
-    """A syslog socket owned by the test, at tmp_path/log.sock."""
-    s = SyslogSink(tmp_path / "log.sock")
+def sink() -> Iterator[SyslogSink]:
+    """A syslog socket owned by the test, in a directory of its own that every user may
+    reach, as /dev/log is: spawners that run as other users connect to it anew when
+    it comes back after going away."""
+    directory = Path(tempfile.mkdtemp(prefix="netd-log-"))
+    directory.chmod(0o755)
+    s = SyslogSink(directory / "log.sock")
     yield s
     s.close()
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def write_config(tmp_path: Path, body: str, sink: SyslogSink | None,

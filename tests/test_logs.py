@@ -666,7 +666,7 @@ def test_syslog_daemon_restart_keeps_netd_serving(start_netd: Callable[..., Netd
         assert "closed its socket" in report["msg"], report
         for peer in peers:
             back.wait_for(event="accept", peer=peer)
-        wait_until(lambda: len(back.find(event="exit")) == 3, "the 3 exits held meanwhile")
+        wait_until(lambda: len(back.find(event="close")) == 3, "the 3 closes held meanwhile")
         peer = echo_once(port)
         back.wait_for(event="accept", peer=peer)
         assert netd.stop() == 0
@@ -707,7 +707,7 @@ def test_syslog_socket_gone_for_long_costs_counted_lines_not_cpu(
     count = int(report["count"])
     assert count > 0, report
     assert "No such file or directory" in report["msg"], report
-    # accept + exit per connection, then stop: each delivered or counted, once.
+    # accept + close per connection, then stop: each delivered or counted, once.
     assert len(delivered) + count == 2 * connections + 1, (len(delivered), count)
 
 

@@ -276,6 +276,8 @@ def _service(name: str, body: Mapping, where: Where, defaults: Mapping,
     if wait and handlers == ["builtin"] and "wait" in body:
         errors.add(body.key_where["wait"], prefix + "wait",
                    "builtins serve streams nowait and datagrams in the supervisor; remove it")
+    if wait is False and handlers != ["builtin"]:
+        _no_dgram_nowait(name, listen or [], source, "wait" in body, prefix, errors)
     stderr_mode = None
     if "stderr" in body or "stderr" in defaults:
         source = body if "stderr" in body else defaults
@@ -319,6 +321,25 @@ def _service(name: str, body: Mapping, where: Where, defaults: Mapping,
         threads=threads or 16, max_duration_s=max_duration_s or None,
         socket_file=socket_file, access=access, limits=limits, proxy=proxy,
     )
+
+def _no_dgram_nowait(name: str, listen: list[Address], source: Mapping, in_body: bool,
+                     prefix: str, errors: _Errors) -> None:
+    """`wait: false` on a datagram address is an error: a datagram socket has no
+    connection to accept and hand to a child, so netd would spin on it."""
+    datagram = next((a for a in listen if not a.is_stream), None)
+    if datagram is None:
+        return
+    why = ("inetd's dgram nowait is not supported (a datagram socket has no connections "
+           "to hand each to a child; in wait mode one child gets the socket itself)")
+    if in_body:
+        errors.add(source.key_where["wait"], prefix + "wait",
+                   f"false cannot serve {datagram}: {why}; write `wait: true` or drop the "
+                   "key (datagram addresses default to wait mode)")
+    else:
+        errors.add(source.key_where["wait"], "defaults.wait",
+                   f"false cannot serve services.{name}, which listens on {datagram}: {why}; "
+                   f"write `wait: true` in services.{name}")
+
 
 def _setting_source(key: str, body: Mapping, defaults: Mapping,
                     prefix: str) -> tuple[Mapping, str, str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import signal
 import socket
 import subprocess
 import tempfile
@@ -619,3 +620,70 @@ def test_max_duration_sigterm_then_sigkill(start_netd: Callable[..., Netd],
                              signal="SIGKILL")
         assert kill["reason"] == "max_duration"
         assert sink.wait_for(event="exit", pid=spid)["signal"] == "SIGKILL"
+
+
+# -- default limits (issue 10, item 2) ------------------------------------------------
+
+DEFAULT_PER_SOURCE = 256  # README, "Default limits"
+FLOOD = 1200
+
+
+def sleeping_descendants(pid: int) -> list[int]:
+    """The /bin/sleep processes anywhere under `pid` (netd's spawner starts them)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            kids = children_of(parent)
+        except OSError:
+            continue  # it ended meanwhile
+        todo.extend(kids)
+        for kid in kids:
+            try:
+                if Path(f"/proc/{kid}/comm").read_text().strip() == "sleep":
+                    found.append(kid)
+            except OSError:
+                pass
+    return found
+
+
+def test_default_limits_bound_one_client_and_recover_by_themselves(
+        start_netd: Callable[..., Netd], sink: SyslogSink) -> None:
+    """No limits in the config: 1,200 connections from one client to a program that
+    sleeps 20 s start no more than the default per_source children; the rest are
+    refused (reason=per_source) without a fork. Another client is served meanwhile, and
+    once the children end, the first client is served again with nobody stepping in."""
+    port = free_port()
+    netd = start_netd(f"""
+        services:
+          sleepy:
+            listen: tcp://127.0.0.1:{port}
+            exec: [/bin/sleep, "20"]
+        """)
+    try:
+        for _ in range(FLOOD):
+            connect(port).close()
+        # The accept queue is served in order: once the other client's connection is
+        # accepted, every one of the flood has been decided.
+        with connect(port, source="127.0.0.2") as other:
+            sink.wait_for(event="accept", service="sleepy", peer=peer_of(other))
+        live = sleeping_descendants(netd.proc.pid)
+        assert len(live) == DEFAULT_PER_SOURCE + 1, len(live)
+        accepted = [e for e in sink.find(event="accept", service="sleepy")
+                    if e["peer"].startswith("127.0.0.1:")]
+        assert len(accepted) == DEFAULT_PER_SOURCE, len(accepted)
+        refusals = sink.find(event="refuse", service="sleepy")
+        assert refusals and {e["reason"] for e in refusals} == {"per_source"}, refusals[:3]
+        assert not sink.find(event="error")
+
+        for pid in live:  # the children end (as if their 20 s were up)
+            os.kill(pid, signal.SIGTERM)
+        wait_count(sink, len(live), event="exit", service="sleepy")
+        with connect(port) as again:
+            sink.wait_for(event="accept", service="sleepy", peer=peer_of(again))
+    finally:
+        for pid in sleeping_descendants(netd.proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

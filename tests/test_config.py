@@ -963,3 +963,55 @@ def test_datagram_service_with_wait_true_or_no_wait_key_is_accepted(tmp_path: Pa
     stdout = check_ok(config, tmp_path)
     assert "udp://127.0.0.1:7193 (wait)" in stdout and "tcp://127.0.0.1:7193 (nowait)" in stdout, \
         stdout
+
+
+# --- default limits and `unlimited` (issue 10, item 2) -------------------------------
+
+
+def test_default_limits_and_unlimited(tmp_path: Path) -> None:
+    """A service that sets no limits gets the default instances and per_source, and the
+    daemon the default max_children; `unlimited` lifts each (None: unbounded), and a
+    limits section that sets one key keeps the defaults for the others."""
+    from netd.config import load_config
+
+    config, _ = write(tmp_path / "netd.yaml", """
+        daemon:
+          max_children: unlimited
+        services:
+          plain:
+            listen: tcp://127.0.0.1:7195
+            exec: [/bin/cat]
+          open:
+            listen: tcp://127.0.0.1:7196
+            exec: [/bin/cat]
+            limits: {instances: unlimited, per_source: unlimited}
+          some:
+            listen: tcp://127.0.0.1:7197
+            exec: [/bin/cat]
+            limits: {per_source: 4}
+        """)
+    loaded = load_config(str(config))
+    limits = {s.name: s.limits for s in loaded.services}
+    assert (limits["plain"].instances, limits["plain"].per_source) == (512, 256)
+    assert (limits["open"].instances, limits["open"].per_source) == (None, None)
+    assert (limits["some"].instances, limits["some"].per_source) == (512, 4)
+    assert loaded.daemon.max_children is None
+    config.write_text(config.read_text().replace("  max_children: unlimited\n", ""))
+    assert load_config(str(config)).daemon.max_children == 1024
+
+
+@pytest.mark.parametrize("setting, key", [
+    ("daemon:\n  max_children: lots\n", "daemon.max_children"),
+    ("defaults:\n  limits: {instances: 0}\n", "defaults.limits.instances"),
+    ("defaults:\n  limits: {per_source: Unlimited}\n", "defaults.limits.per_source"),
+])
+def test_bad_limit_says_number_or_unlimited(tmp_path: Path, setting: str, key: str) -> None:
+    config, text = write(tmp_path / "netd.yaml", setting + textwrap.dedent("""
+        services:
+          a:
+            listen: tcp://127.0.0.1:7198
+            builtin: echo
+        """))
+    errors = check_fails(config, tmp_path)
+    message = find_error(errors, config, 2, key)
+    assert "unlimited" in message, message

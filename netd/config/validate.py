@@ -24,6 +24,8 @@ from netd.config.identity import (
     resolve_user,
 )
 from netd.config.model import (
+    DEFAULT_LIMITS,
+    DEFAULT_MAX_CHILDREN,
     DEFAULT_PATH,
     Address,
     Config,
@@ -191,7 +193,7 @@ def _daemon_config(root: Mapping, path: str, errors: _Errors) -> DaemonConfig:
         value = _get(section, key, str, f"daemon.{key}", errors, "a file path")
         files[key] = os.path.join(base, value) if value else getattr(default, key)
     stop_timeout_s = _duration_setting("stop_timeout", section, section, "daemon.", errors)
-    max_children = _count(section, "max_children", 1, 1_000_000, "daemon.", errors)
+    max_children = _bound(section, "max_children", DEFAULT_MAX_CHILDREN, "daemon.", errors)
     return DaemonConfig(pidfile=files["pidfile"], control=files["control"],
                         stop_timeout_s=default.stop_timeout_s if stop_timeout_s is None
                         else stop_timeout_s, max_children=max_children)
@@ -391,7 +393,7 @@ def _access(source: Mapping, key: str, label: str, errors: _Errors) -> AccessLis
 def _limits(source: Mapping, key: str, label: str, errors: _Errors) -> Limits:
     section = _subsection(source, key, label, LIMIT_KEYS, errors)
     if section is None:
-        return Limits()
+        return DEFAULT_LIMITS
     rate = None
     if "rate" in section:
         try:
@@ -399,8 +401,10 @@ def _limits(source: Mapping, key: str, label: str, errors: _Errors) -> Limits:
         except ValueError as e:
             errors.add(section.key_where["rate"], f"{label}.rate", str(e))
     pause_s = _duration_setting("rate_pause", section, section, label + ".", errors)
-    return Limits(instances=_count(section, "instances", 1, 1_000_000, label + ".", errors),
-                  per_source=_count(section, "per_source", 1, 1_000_000, label + ".", errors),
+    return Limits(instances=_bound(section, "instances", DEFAULT_LIMITS.instances, label + ".",
+                                   errors),
+                  per_source=_bound(section, "per_source", DEFAULT_LIMITS.per_source,
+                                    label + ".", errors),
                   rate=rate, rate_pause_s=10.0 if pause_s is None else pause_s)
 
 
@@ -452,6 +456,20 @@ def _socket_file(body: Mapping, prefix: str, errors: _Errors) -> SocketFile:
             except ValueError as e:
                 errors.add(section.key_where[key], f"{prefix}socket.{key}", str(e))
     return SocketFile(uid=parsed.get("user"), gid=parsed.get("group"), mode=parsed.get("mode"))
+
+
+def _bound(body: Mapping, key: str, default: int | None, prefix: str,
+           errors: _Errors) -> int | None:
+    """A bound on children: a number, `unlimited` (None), or `default` when not given."""
+    if key not in body:
+        return default
+    if body[key] == "unlimited":
+        return None
+    value: int | None = _get(body, key, int, prefix + key, errors, "a number or unlimited")
+    if value is not None and not 1 <= value <= 1_000_000:
+        errors.add(body.key_where[key], prefix + key, "must be 1-1000000, or unlimited")
+        return None
+    return value
 
 
 def _count(body: Mapping, key: str, low: int, high: int, prefix: str,

@@ -94,18 +94,19 @@ def load_config(path: str) -> Config:
     return Config(path=path, log=log, daemon=daemon, services=tuple(services))
 
 def load_daemon_config(path: str) -> DaemonConfig:
-    """Only the `daemon:` section (where the running netd's control socket is), so that
-    `netd stop`, `status` and `reload` work while the rest of the file is broken."""
+    """Only the `daemon:` section (where the running netd's pidfile and control socket
+    are), so that `netd stop` and `status` find it while the rest of the file is broken,
+    even when that is not YAML; the default paths when the section cannot be read."""
     path = os.path.abspath(path)
-    root = _load_mapping(path, _Errors([]))
+    root = _load_mapping(path, _Errors([]), only="daemon")
     if root is None:
         return DaemonConfig.default()
     return _daemon_config(root, path, _Errors([]))
 
 
-def _load_mapping(path: str, errors: _Errors) -> Mapping | None:
+def _load_mapping(path: str, errors: _Errors, only: str | None = None) -> Mapping | None:
     try:
-        value = load_file(path)
+        value = load_file(path, only)
     except YamlError as e:
         errors.add(e.where, "", e.message)
         return None

@@ -361,6 +361,111 @@ def test_commands_with_a_dead_daemons_control_socket(tmp_path: Path, sink: Syslo
     assert "not running" in result.stderr and "Traceback" not in result.stderr, output(result)
 
 
+# -- the commands find the daemon whatever happened around it (issue 10, item 5) ---------
+
+ECHO_AT = """\
+  echo:
+    listen: tcp://127.0.0.1:{port}
+    builtin: echo
+"""
+
+
+def start_detached(tmp_path: Path, sink: SyslogSink, port: int) -> tuple[Path, int]:
+    """`netd start` on a daemon_config (pidfile and control in tmp_path); config, pid."""
+    config = daemon_config(tmp_path, sink, ECHO_AT.format(port=port))
+    result = run_netd("start", "-c", str(config))
+    assert result.returncode == 0, output(result)
+    return config, int((tmp_path / "netd.pid").read_text().strip())
+
+
+def test_reload_with_a_yaml_syntax_error_says_so_before_sending(
+        tmp_path: Path, sink: SyslogSink, detached: None) -> None:
+    """A YAML syntax error in the file is reported as FILE:LINE, exit 78, nothing sent;
+    `status` and `stop` still find the daemon through the file's daemon: section."""
+    port = free_port()
+    config, pid = start_detached(tmp_path, sink, port)
+    config.write_text(config.read_text() + "  broken: a: b\n")
+    line = len(config.read_text().splitlines())
+    reloaded = run_netd("reload", "-c", str(config))
+    assert reloaded.returncode == EX_CONFIG, output(reloaded)
+    assert f"{config}:{line}:" in reloaded.stderr, output(reloaded)
+    assert "not running" not in reloaded.stderr, output(reloaded)
+    assert not sink.find(event="reload")
+
+    status = run_netd("status", "-c", str(config))
+    assert status.returncode == 0 and f"pid {pid}" in status.stdout, output(status)
+    stopped = run_netd("stop", "-c", str(config))
+    assert stopped.returncode == 0, output(stopped)
+    assert not pid_alive(pid)
+
+
+def test_reload_of_a_missing_file_names_it(tmp_path: Path, sink: SyslogSink,
+                                           detached: None) -> None:
+    missing = tmp_path / "gone.yaml"
+    result = run_netd("reload", "-c", str(missing))
+    assert result.returncode == EX_CONFIG, output(result)
+    assert f"{missing}: cannot read" in result.stderr, output(result)
+    assert "not running" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_commands_after_the_control_socket_was_removed(tmp_path: Path, sink: SyslogSink,
+                                                       detached: None) -> None:
+    """A cleaner of /tmp removed the control socket: `status` says netd runs (pid) and why
+    it cannot say more; `reload` sends SIGHUP, and netd re-creates its socket, which
+    brings the result back; `stop` sends SIGTERM and waits for netd to exit."""
+    port = free_port()
+    config, pid = start_detached(tmp_path, sink, port)
+    control = tmp_path / "control.sock"
+    control.unlink()
+
+    status = run_netd("status", "-c", str(config))
+    assert status.returncode == 0, output(status)
+    assert f"running, pid {pid}" in status.stdout, output(status)
+    assert f"no control socket at {control}" in status.stderr, output(status)
+    reply = json.loads(run_netd("status", "-c", str(config), "--json").stdout)
+    assert reply["ok"] is False and reply["daemon"]["pid"] == pid, reply
+
+    reloaded = run_netd("reload", "-c", str(config))
+    assert reloaded.returncode == 0, output(reloaded)
+    assert "SIGHUP" in reloaded.stderr and "netd reloaded" in reloaded.stdout, output(reloaded)
+    assert sink.wait_for(event="control", result="recreated")["path"] == str(control)
+    assert stat.S_IMODE(os.stat(control).st_mode) == 0o600
+    assert status_json(config)["daemon"]["last_reload"]["ok"] is True
+    assert echo_roundtrip(port) == b"hello\n"
+
+    control.unlink()
+    stopped = run_netd("stop", "-c", str(config))
+    assert stopped.returncode == 0, output(stopped)
+    assert "SIGTERM" in stopped.stderr and f"stopped (pid {pid})" in stopped.stdout, \
+        output(stopped)
+    assert not pid_alive(pid)
+    assert not (tmp_path / "netd.pid").exists()
+    sink.wait_for(event="stop", signal="SIGTERM")
+
+
+def test_reload_by_signal_reports_the_daemons_error(tmp_path: Path, sink: SyslogSink,
+                                                    detached: None) -> None:
+    """Without a control socket, a reload the daemon refuses (an address in use) is
+    still reported: the error, exit 78."""
+    port = free_port()
+    config, pid = start_detached(tmp_path, sink, port)
+    (tmp_path / "control.sock").unlink()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        busy = squatter.getsockname()[1]
+        daemon_config(tmp_path, sink, ECHO_AT.format(port=port) + f"""\
+  busy:
+    listen: tcp://127.0.0.1:{busy}
+    builtin: echo
+""")
+        result = run_netd("reload", "-c", str(config))
+    assert result.returncode == EX_CONFIG, output(result)
+    assert f"127.0.0.1:{busy}" in result.stderr, output(result)
+    assert echo_roundtrip(port) == b"hello\n"
+    assert pid_alive(pid)
+
+
 # -- graceful stop ----------------------------------------------------------------------
 
 

@@ -14,6 +14,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -464,6 +465,183 @@ def test_reload_by_signal_reports_the_daemons_error(tmp_path: Path, sink: Syslog
     assert f"127.0.0.1:{busy}" in result.stderr, output(result)
     assert echo_roundtrip(port) == b"hello\n"
     assert pid_alive(pid)
+
+
+# -- files others could plant or own (issue 10, item 7) ----------------------------------
+
+EX_NOPERM = 77
+IS_ROOT = os.geteuid() == 0
+NOBODY = pwd.getpwnam("nobody")
+
+
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A fresh directory in /tmp that the test may open to other users."""
+    path = Path(tempfile.mkdtemp(prefix="netd-shared-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def files_config(tmp_path: Path, run_dir: Path, port: int) -> Path:
+    """A config (in tmp_path) that keeps its pidfile and control socket in `run_dir`."""
+    path = tmp_path / "netd.yaml"
+    path.write_text(f"log:\n  to: stderr\ndaemon:\n  pidfile: {run_dir / 'netd.pid'}\n"
+                    f"  control: {run_dir / 'control.sock'}\n"
+                    f"services:\n{ECHO_AT.format(port=port)}")
+    return path
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="planting another user's link needs root")
+@pytest.mark.parametrize("link", ["symlink", "hardlink"])
+def test_link_planted_at_the_pidfile_is_refused(tmp_path: Path, shared_tmp: Path,
+                                                detached: None, link: str) -> None:
+    """In a world-writable sticky directory (like /tmp), another user plants a link at
+    the pidfile's path: netd refuses to start (exit 77) naming the pidfile, and neither
+    the file it points to nor the link is touched."""
+    shared_tmp.chmod(0o1777)
+    precious = shared_tmp / "precious"
+    precious.write_text("precious data\n")
+    pidfile = shared_tmp / "netd.pid"
+    if link == "symlink":
+        pidfile.symlink_to(precious)
+        os.lchown(pidfile, NOBODY.pw_uid, NOBODY.pw_gid)
+    else:
+        os.link(precious, pidfile)
+    config = files_config(tmp_path, shared_tmp, free_port())
+    result = run_netd("start", "-c", str(config))
+    assert result.returncode == EX_NOPERM, output(result)
+    assert str(pidfile) in result.stderr, output(result)
+    assert ("symbolic link" if link == "symlink" else "hard link") in result.stderr
+    assert precious.read_text() == "precious data\n"
+    assert pidfile.is_symlink() if link == "symlink" else pidfile.exists()
+    assert not (shared_tmp / "control.sock").exists()
+    assert pids_mentioning(str(config)) == []
+
+
+def test_stop_never_removes_a_link_put_in_the_pidfiles_place(
+        tmp_path: Path, sink: SyslogSink, detached: None) -> None:
+    """The pidfile was replaced by a link while netd ran: at stop netd leaves the path
+    alone, since it no longer names netd's own file."""
+    config, pid = start_detached(tmp_path, sink, free_port())
+    precious = tmp_path / "precious"
+    precious.write_text("precious data\n")
+    pidfile = tmp_path / "netd.pid"
+    pidfile.unlink()
+    pidfile.symlink_to(precious)
+    stopped = run_netd("stop", "-c", str(config))
+    assert stopped.returncode == 0, output(stopped)
+    assert not pid_alive(pid)
+    assert pidfile.is_symlink() and precious.read_text() == "precious data\n"
+
+
+@pytest.mark.parametrize("planted", ["symlink", "stale socket"])
+def test_control_socket_path_never_follows_a_link(tmp_path: Path, sink: SyslogSink,
+                                                  detached: None, planted: str) -> None:
+    """A symbolic link at the control socket's path is refused (exit 77, naming it, the
+    link left alone); a socket file left by a netd that is gone is replaced."""
+    control = tmp_path / "control.sock"
+    target = tmp_path / "target"
+    if planted == "symlink":
+        target.write_text("not netd's\n")
+        control.symlink_to(target)
+    else:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as leftover:
+            leftover.bind(str(control))
+    config = daemon_config(tmp_path, sink, ECHO_AT.format(port=free_port()))
+    result = run_netd("start", "-c", str(config))
+    if planted == "symlink":
+        assert result.returncode == EX_NOPERM, output(result)
+        assert str(control) in result.stderr and "symbolic link" in result.stderr
+        assert control.is_symlink() and target.read_text() == "not netd's\n"
+        assert not (tmp_path / "netd.pid").exists()
+        return
+    assert result.returncode == 0, output(result)
+    assert status_json(config)["daemon"]["pid"] > 0
+    assert run_netd("stop", "-c", str(config)).returncode == 0
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="a directory of another user needs root")
+def test_run_dir_made_by_another_user_is_refused(tmp_path: Path, shared_tmp: Path,
+                                                 detached: None) -> None:
+    """A directory for netd's files that another user made (mode 0777, owned by nobody):
+    netd refuses to start (exit 77) naming it and its owner, and puts nothing in it."""
+    run_dir = shared_tmp / "run"
+    run_dir.mkdir()
+    run_dir.chmod(0o777)
+    os.chown(run_dir, NOBODY.pw_uid, NOBODY.pw_gid)
+    config = files_config(tmp_path, run_dir, free_port())
+    for command in ("run", "start"):
+        result = run_netd(command, "-c", str(config))
+        assert result.returncode == EX_NOPERM, (command, output(result))
+        assert str(run_dir) in result.stderr and "owned by uid" in result.stderr, output(result)
+    assert list(run_dir.iterdir()) == []
+
+
+# netd as a user who cannot read root's Python: everything it will import is imported
+# first, then the script takes nobody's identity and runs the command line.
+AS_NOBODY = f"""
+import argparse, encodings.idna, locale, os, sys
+import netd.cli, netd.spawn, netd.supervisor
+argparse.ArgumentParser(prog="netd")
+os.setgroups([])
+os.setgid({NOBODY.pw_gid})
+os.setuid({NOBODY.pw_uid})
+sys.exit(netd.cli.main(sys.argv[1:]))
+"""
+
+
+def as_nobody(args: list[str], xdg: Path, cwd: Path) -> subprocess.Popen[str]:
+    """Start `netd ARGS` as nobody with XDG_RUNTIME_DIR=xdg (output on pipes)."""
+    return subprocess.Popen([sys.executable, "-c", AS_NOBODY, *args], cwd=cwd, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=netd_env({"XDG_RUNTIME_DIR": str(xdg)}))
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="running netd as nobody needs root")
+@pytest.mark.parametrize("premade", ["none", "root 0777", "another user"])
+def test_non_root_netd_and_its_default_run_dir(shared_tmp: Path, premade: str) -> None:
+    """netd as nobody with no daemon: section keeps its files in $XDG_RUNTIME_DIR/netd:
+    made by netd itself (nobody's, not writable by others), or refused (exit 77, naming
+    it) when someone else made it first, whether world-writable or another user's."""
+    shared_tmp.chmod(0o755)
+    xdg = shared_tmp / "xdg"
+    xdg.mkdir(mode=0o700)
+    os.chown(xdg, NOBODY.pw_uid, NOBODY.pw_gid)
+    run_dir = xdg / "netd"
+    if premade == "root 0777":
+        run_dir.mkdir()
+        run_dir.chmod(0o777)
+    elif premade == "another user":
+        run_dir.mkdir(mode=0o755)
+        os.chown(run_dir, pwd.getpwnam("daemon").pw_uid, -1)
+    port = free_port()
+    config = shared_tmp / "netd.yaml"
+    config.write_text(f"log:\n  to: stderr\nservices:\n{ECHO_AT.format(port=port)}")
+    proc = as_nobody(["run", "-c", str(config)], xdg, shared_tmp)
+    try:
+        if premade != "none":
+            _, err = proc.communicate(timeout=WAIT_S)
+            assert proc.returncode == EX_NOPERM, err
+            assert str(run_dir) in err, err
+            assert ("may be written by other users" if premade == "root 0777"
+                    else "owned by uid") in err, err
+            assert list(run_dir.iterdir()) == []
+            return
+        wait_until(lambda: (run_dir / "control.sock").exists() or proc.poll() is not None,
+                   "netd (as nobody) to make its control socket")
+        assert proc.poll() is None, proc.communicate(timeout=WAIT_S)
+        info = run_dir.stat()
+        assert (info.st_uid, stat.S_IMODE(info.st_mode) & 0o022) == (NOBODY.pw_uid, 0)
+        pid = int((run_dir / "netd.pid").read_text())
+        assert pid == proc.pid and (run_dir / "netd.pid").stat().st_uid == NOBODY.pw_uid
+        assert echo_roundtrip(port) == b"hello\n"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=WAIT_S) == 0
+        assert sorted(p.name for p in run_dir.iterdir()) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=WAIT_S)
 
 
 # -- graceful stop ----------------------------------------------------------------------

@@ -527,3 +527,53 @@ services:
     assert not unix_port.exists()
     assert fd_count(pid) == fds_before
     assert len(sink.find(event="reload")) >= 2
+
+
+def test_sighup_storm_with_the_config_file_removed_keeps_serving(
+        tmp_path: Path, sink: SyslogSink, netd_started: Callable[..., Netd]) -> None:
+    """The config file is removed between reloads (a package upgrade half done) and 200
+    SIGHUPs arrive: netd serves its running config throughout, and each reload it does
+    logs one line, event=reload result=error saying `cannot read` with the path (no
+    other error). Once the file is back, the next reload applies it."""
+    port, added = free_port(), free_port()
+    good = f"""\
+services:
+  echo:
+    listen: tcp://127.0.0.1:{port}
+    builtin: echo
+"""
+    netd = netd_started(good)
+    pid, inode = netd.proc.pid, listening_inode(port)
+    netd.config.unlink()
+    for i in range(200):
+        os.kill(pid, signal.SIGHUP)
+        if i % 25 == 0:
+            assert echo_roundtrip(port) == b"hello\n"
+    wait_until(reloaded_or_dead(netd, sink, 1), "a reload after the storm")
+    for _ in range(2):  # a signal waiting beside a control request is handled first
+        control_status(tmp_path)
+    storm = sink.find(event="reload")
+    assert 1 <= len(storm) <= 200, len(storm)
+    for event in storm:
+        assert event["result"] == "error", event
+        assert event["msg"] == f"{netd.config}: cannot read: No such file or directory", event
+    assert not sink.find(event="error")
+
+    for count in range(len(storm) + 1, len(storm) + 4):  # one SIGHUP, one reload, one line
+        os.kill(pid, signal.SIGHUP)
+        wait_until(reloaded_or_dead(netd, sink, count), f"reload {count}")
+        control_status(tmp_path)
+        assert len(sink.find(event="reload")) == count
+    assert netd.proc.poll() is None
+    assert listening_inode(port) == inode
+    assert echo_roundtrip(port) == b"hello\n"
+    assert control_status(tmp_path)["daemon"]["last_reload"]["ok"] is False
+
+    replace_config(tmp_path, good + f"""\
+  added:
+    listen: tcp://127.0.0.1:{added}
+    builtin: echo
+""", sink)
+    os.kill(pid, signal.SIGHUP)
+    wait_until(lambda: bool(sink.find(event="reload", result="ok")), "the reload to apply")
+    assert echo_roundtrip(added) == b"hello\n"

@@ -98,7 +98,7 @@ def load_daemon_config(path: str) -> DaemonConfig:
     are), so that `netd stop` and `status` find it while the rest of the file is broken,
     even when that is not YAML; the default paths when the section cannot be read."""
     path = os.path.abspath(path)
-    root = _load_mapping(path, _Errors([]), only="daemon")
+    root = _load_mapping(path, _Errors([])) or _load_mapping(path, _Errors([]), only="daemon")
     if root is None:
         return DaemonConfig.default()
     return _daemon_config(root, path, _Errors([]))

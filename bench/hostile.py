@@ -171,6 +171,7 @@ services:
     base = statistics.median(rows[0][1].latencies or [float("nan")])
     print(f"netd (pid {proc.pid}) probe latency, one probe every {PROBE_EVERY_S * 1000:.0f} ms"
           f"{' (--quick)' if args.quick else ''}; {os.cpu_count()} CPUs\n")
+    print(f"netd logged {sink.refusals} refusals and {sink.lines} lines in all.\n")
     print("| attack | probes | failed | median ms | worst ms | worst / idle median |")
     print("|---|---|---|---|---|---|")
     for name, prober in rows:

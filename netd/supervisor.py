@@ -254,6 +254,8 @@ class Supervisor:
             result = {"ok": True, **changes}
         self.last_reload = {"time": time.time(), **result}
         if result["ok"]:
+            for warning in self.config.warnings:
+                self.log.event("config", "warning", msg=warning)
             self.log.event("reload", result="ok", services=len(self.config.services),
                            added=",".join(changes["added"]) or None,
                            changed=",".join(changes["changed"]) or None,
@@ -945,7 +947,9 @@ class Supervisor:
                  "children": len(state.children), "accepted": state.accepted,
                  "refused": state.refused}
                 for name, state in self.services.items()
-            ],
+            ] + [{"name": off.name, "state": "disabled", "handler": off.handler,
+                  "origin": off.origin, "listen": [], "children": 0, "accepted": 0,
+                  "refused": 0} for off in self.config.disabled],
         }
 
     def _status_line(self) -> str:

@@ -23,6 +23,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from netd.config.model import SERVICE_NAME
 from netd.config.yamlsource import check_trusted
 from netd.handlers.builtins import BUILTINS
 
@@ -89,14 +90,57 @@ def parse_line(path: str, number: int, fields: list[str], default_hosts: list[st
     # rstatd/1-5 (an RPC service and its versions) is named rstatd; a unix socket's
     # service field is its path.
     name = os.path.basename(fields[0]) if unix else service.partition("/")[0]
-    base = InetdLine(path, number, name or fields[0], text, disabled)
-    if disabled:
-        return base
+    name = name or fields[0]
     try:
         body, notes = _body(fields, hosts.split(",") if hosts else default_hosts)
     except ValueError as e:
-        return InetdLine(path, number, base.name, text, problem=str(e))
-    return InetdLine(path, number, base.name, text, body=body, notes=tuple(notes))
+        return InetdLine(path, number, name, text, disabled, problem=str(e))
+    return InetdLine(path, number, name, text, disabled, body=body, notes=tuple(notes))
+
+
+Body = tuple[str, dict[str, Any], InetdLine]
+
+
+def service_bodies(lines: list[InetdLine]) -> tuple[list[Body], list[str]]:
+    """(service name, body, first line) of every enabled line that can be served, and a
+    FILE:LINE message for each line that cannot (or is served with a difference).
+
+    Lines of one name that differ only in where they listen (tcp and udp of a builtin,
+    tcp4 and tcp6) are one service; lines of one name that run different things are
+    named NAME-PROTOCOL (echo-tcp, echo-udp).
+    """
+    by_name: dict[str, list[InetdLine]] = {}
+    messages: list[str] = []
+    for line in lines:
+        if line.disabled:
+            continue
+        messages.extend(f"{line.where}: {line.name}: {note}" for note in line.notes)
+        if line.body is None:
+            messages.append(f"{line.where}: {line.name}: {line.problem}; line not served")
+        elif not SERVICE_NAME.match(line.name):
+            messages.append(f"{line.where}: {line.name}: not usable as a service name "
+                            "(letters, digits, '.', '_' and '-'); line not served")
+        else:
+            by_name.setdefault(line.name, []).append(line)
+    bodies: list[Body] = []
+    for name, group in by_name.items():
+        first = group[0].body or {}
+        rest = {k: v for k, v in first.items() if k != "listen"}
+        if all({k: v for k, v in (line.body or {}).items() if k != "listen"} == rest
+               for line in group):
+            listen = [spec for line in group for spec in (line.body or {})["listen"]]
+            bodies.append((name, {**first, "listen": listen}, group[0]))
+            continue
+        seen: dict[str, InetdLine] = {}
+        for line in group:
+            split = f"{name}-{line.text.split()[2]}"
+            if split in seen:
+                messages.append(f"{line.where}: {name}: another {split} line at "
+                                f"{seen[split].where} comes first; line not served")
+                continue
+            seen[split] = line
+            bodies.append((split, line.body or {}, line))
+    return bodies, messages
 
 
 def _body(fields: list[str], hosts: list[str]) -> tuple[dict[str, Any], list[str]]:

@@ -7,6 +7,7 @@ once by netd.config.validate and compared field by field on reload.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 from typing import Literal
@@ -15,6 +16,7 @@ from netd.policy import AccessList, Limits
 
 Scheme = Literal["tcp", "udp", "unix", "unix-dgram"]
 HandlerKind = Literal["builtin", "exec", "python"]
+SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # A child's PATH when the config gives none; also where a bare program name is looked up.
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 

@@ -23,9 +23,10 @@ from netd.config.identity import (
     resolve_group,
     resolve_user,
 )
-from netd.config.inetd import InetdLine, read_file, read_inetd
+from netd.config.inetd import InetdLine, read_file, read_inetd, service_bodies
 from netd.config.model import (
     DEFAULT_PATH,
+    SERVICE_NAME,
     Address,
     Config,
     DaemonConfig,
@@ -55,7 +56,6 @@ SERVICE_KEYS = ("listen", *HANDLER_KEYS, "program", "disable", "workers", "threa
                 "proxy_protocol", "nodelay", "keepalive", *DEFAULTABLE_KEYS)
 CONNECTION_LINES = ("accept", "exit")
 SOCKET_KEYS = ("user", "group", "mode")
-SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 DURATION_UNITS_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
@@ -107,6 +107,16 @@ def load_config(path: str) -> Config:
         raise ConfigError(errors.items)
     return Config(path=path, log=log, daemon=daemon, services=tuple(found.services),
                   disabled=tuple(found.disabled), warnings=tuple(found.warnings))
+
+def service_problems(name: str, body: dict[str, Any], where: Where) -> list[str]:
+    """What validation finds wrong with one service `body` (netd's keys, as a YAML
+    service would have them); empty when netd would serve it."""
+    problems = _Errors([])
+    empty = Mapping()
+    empty.where, empty.key_where = where, {}
+    _service(name, located(body, where), where, empty, problems, prefix=f"{name}.")
+    return problems.items
+
 
 def load_daemon_config(path: str) -> DaemonConfig:
     """Only the `daemon:` section (where the running netd's control socket is), so that
@@ -299,7 +309,9 @@ def _inetd_services(root: Mapping, path: str, sources: dict[str, tuple[Mapping, 
         except OSError as e:
             errors.add(where, f"inetd[{i}]", f"cannot read {file}: {e.strerror}")
     served: set[str] = set()
-    for name, body, line in _inetd_bodies(lines, found):
+    bodies, notes = service_bodies(lines)
+    found.warnings.extend(notes)
+    for name, body, line in bodies:
         if name in sources:
             errors.add(Where(line.path, line.line), name,
                        f"service '{name}' is defined twice: in inetd.conf here and in "
@@ -316,48 +328,6 @@ def _inetd_services(root: Mapping, path: str, sources: dict[str, tuple[Mapping, 
         if line.disabled and line.name not in served and line.name not in sources \
                 and all(d.name != line.name for d in found.disabled):
             found.disabled.append(Disabled(line.name, line.where, line.text))
-
-
-def _inetd_bodies(lines: list[InetdLine],
-                  found: _Found) -> list[tuple[str, dict[str, Any], InetdLine]]:
-    """(service name, body, first line) of every line that can be served.
-
-    Lines of one name that differ only in where they listen (tcp and udp of a builtin,
-    tcp4 and tcp6) are one service; lines of one name that run different things are
-    named NAME-PROTOCOL (echo-tcp, echo-udp).
-    """
-    by_name: dict[str, list[InetdLine]] = {}
-    for line in lines:
-        if line.disabled:
-            continue
-        found.warnings.extend(f"{line.where}: {line.name}: {note}" for note in line.notes)
-        if line.body is None:
-            found.warnings.append(f"{line.where}: {line.name}: {line.problem}; line not served")
-        elif not SERVICE_NAME.match(line.name):
-            found.warnings.append(f"{line.where}: {line.name}: not usable as a service name "
-                                  "(letters, digits, '.', '_' and '-'); line not served")
-        else:
-            by_name.setdefault(line.name, []).append(line)
-    bodies: list[tuple[str, dict[str, Any], InetdLine]] = []
-    for name, group in by_name.items():
-        assert group[0].body is not None
-        rest = {k: v for k, v in group[0].body.items() if k != "listen"}
-        if all({k: v for k, v in (line.body or {}).items() if k != "listen"} == rest
-               for line in group):
-            listen = [spec for line in group for spec in (line.body or {})["listen"]]
-            bodies.append((name, {**group[0].body, "listen": listen}, group[0]))
-            continue
-        seen: dict[str, InetdLine] = {}
-        for line in group:
-            split = f"{name}-{line.text.split()[2]}"
-            if split in seen:
-                found.warnings.append(f"{line.where}: {name}: another {split} line at "
-                                      f"{seen[split].where} comes first; line not served")
-                continue
-            seen[split] = line
-            assert line.body is not None
-            bodies.append((split, line.body, line))
-    return bodies
 
 
 def _defaults(root: Mapping, errors: _Errors) -> Mapping:

@@ -13,7 +13,7 @@ packages=(libsystemd-dev pkg-config gcc python3-dev python3-venv)
 # for the PROXY protocol, systemd's socket-activate and analyze tools, tcpd and
 # in.fingerd (the inetd.conf world).
 [ "$want_tests" = yes ] && packages+=(rsync tftpd-hpa tftp-hpa git socat haproxy systemd busybox-static
-                                     tcpd fingerd libtirpc3)
+                                     tcpd fingerd finger libtirpc3)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -8,8 +8,10 @@ used as it is; a test that runs a line changes only its address to 127.0.0.1:POR
 
 from __future__ import annotations
 
+import grp
 import json
 import os
+import pwd
 import shutil
 import socket
 import struct
@@ -199,20 +201,8 @@ def test_talk_lines_serve_in_talkd_in_wait_mode(name: str, tmp_path: Path, sink:
     status = Path(f"/proc/{accept['pid']}/status")
     if status.exists():  # in.talkd lingers a while for more requests
         ids = dict(line.split(":", 1) for line in status.read_text().splitlines())
-        assert ids["Uid"].split()[0] == str(_uid("nobody"))
-        assert ids["Gid"].split()[0] == str(_gid("tty"))
-
-
-def _uid(user: str) -> int:
-    import pwd
-
-    return pwd.getpwnam(user).pw_uid
-
-
-def _gid(group: str) -> int:
-    import grp
-
-    return grp.getgrnam(group).gr_gid
+        assert ids["Uid"].split()[0] == str(pwd.getpwnam("nobody").pw_uid)
+        assert ids["Gid"].split()[0] == str(grp.getgrnam("tty").gr_gid)
 
 
 # --- the line forms ----------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import struct
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +19,7 @@ from netd.config.model import Address
 from netd.firstbytes import FirstBytes
 from netd.logs import Log
 from netd.loop import EventLoop
+from netd.rundir import UnsafePath, own_dir
 from netd.sockets import bind, remove_unix
 
 MAX_REQUEST = 4096
@@ -27,11 +29,27 @@ MAX_PENDING = 16
 
 
 class NotRunning(Exception):
-    """No daemon answers on the control socket."""
+    """No daemon answers on the control socket; the message says what is there instead."""
 
 
 class BadRequest(ValueError):
     """A control request that is refused; the message says why."""
+
+
+def open_control_socket(path: str) -> socket.socket:
+    """Listen on `path`, mode 0600, in a directory no other user controls; a stale socket
+    file is replaced, a symbolic link (or any other file) there is refused."""
+    own_dir(os.path.dirname(path))
+    try:
+        if stat.S_ISLNK(os.lstat(path).st_mode):
+            raise UnsafePath(f"control socket {path} is a symbolic link; not following it "
+                             "(remove it if it is not meant to be there)")
+    except FileNotFoundError:
+        pass
+    sock = bind(Address(spec="control", scheme="unix", path=path), MAX_PENDING,
+                blocking=False)
+    os.chmod(path, 0o600)  # the directory is netd's: nobody swapped the file meanwhile
+    return sock
 
 
 def peer_uid(conn: socket.socket) -> int:
@@ -89,11 +107,30 @@ class ControlServer:
             loop, MAX_PENDING, self._answer, self._refuse)
 
     def open(self) -> None:
-        """Bind the socket (mode 0600) and serve it; raises OSError (BindError) on failure."""
-        address = Address(spec="control", scheme="unix", path=self.path)
-        self.sock = bind(address, 16, blocking=False)
-        os.chmod(self.path, 0o600)
+        """Bind the socket and serve it; raises OSError (BindError, UnsafePath) on failure."""
+        self.sock = open_control_socket(self.path)
         self.loop.watch(self.sock, self._accept)
+
+    def ensure(self) -> None:
+        """Make the socket again if its file was removed (by a cleaner of /tmp), so that
+        the commands find netd; a failure is logged and the old socket kept."""
+        if self.sock is None:
+            return
+        try:
+            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
+                return
+        except FileNotFoundError:
+            pass
+        try:
+            fresh = open_control_socket(self.path)
+        except OSError as e:
+            self.log.event("error", "err", msg=f"cannot re-create the control socket: {e}")
+            return
+        self.loop.unwatch(self.sock)
+        self.sock.close()
+        self.sock = fresh
+        self.loop.watch(fresh, self._accept)
+        self.log.event("control", "warning", result="recreated", path=self.path)
 
     def _accept(self) -> None:
         assert self.sock is not None
@@ -141,9 +178,10 @@ def request(path: str, command: str, timeout_s: float = 30.0) -> dict[str, Any]:
         sock.settimeout(timeout_s)
         try:
             sock.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError) as e:
-            raise NotRunning(f"netd is not running (no control socket at {path}: "
-                             f"{e.strerror})") from None
+        except FileNotFoundError:
+            raise NotRunning(f"no control socket at {path}") from None
+        except ConnectionRefusedError:
+            raise NotRunning(f"nothing listens on the control socket {path}") from None
         except PermissionError:
             raise PermissionError(f"permission denied on {path}: only the user netd runs "
                                   "as (and root) may use it; try sudo") from None
@@ -152,6 +190,6 @@ def request(path: str, command: str, timeout_s: float = 30.0) -> dict[str, Any]:
         while chunk := sock.recv(65536):
             data += chunk
     if not data:
-        raise NotRunning(f"netd closed the control connection at {path} without a reply")
+        raise NotRunning(f"no reply on the control socket {path}")
     reply: dict[str, Any] = json.loads(data)
     return reply

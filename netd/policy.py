@@ -256,7 +256,10 @@ def source_key(peer: Peer) -> str | None:
     """What per_source counts by: the IP (v4-mapped as IPv4), or uid:N for unix peers."""
     if peer.remote is None:
         return None if peer.uid is None else f"uid:{peer.uid}"
-    return str(ip_form(peer.remote[0]))
+    ip = peer.remote[0]
+    if ":" not in ip:
+        return ip  # accept() spells an IPv4 address one way: no parsing per connection
+    return str(ip_form(ip))
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ import os
 import socket
 import stat
 
-from netd.config.model import Address
+from netd.config.model import Address, Service
 
 
 class BindError(OSError):
@@ -41,6 +41,16 @@ def bind(address: Address, backlog: int, blocking: bool) -> socket.socket:
             raise
         raise BindError(e.errno, f"cannot listen on {address}: {e.strerror}") from None
     return sock
+
+
+def tune(sock: socket.socket, service: Service) -> None:
+    """Set the TCP options a service asks for (xinetd's NODELAY and KEEPALIVE flags) on
+    its listening socket: the connections accepted from it inherit them, and a wait-mode
+    child gets them with the socket itself."""
+    if sock.family == socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        return
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, int(service.nodelay))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, int(service.keepalive))
 
 
 def _clear_stale_unix(address: Address) -> None:

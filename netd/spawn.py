@@ -32,20 +32,32 @@ from netd.peer import Peer
 ALL_SIGNALS = tuple(s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP))
 
 
-def exec_env(base_env: dict[str, str], service_name: str, peer: Peer) -> dict[str, str]:
-    """A child's whole environment: the config's, the peer's UCSPI variables, NETD_SERVICE."""
-    return {"PATH": DEFAULT_PATH, **base_env, **peer.ucspi_env(), "NETD_SERVICE": service_name}
+def exec_env(service: Service, peer: Peer) -> dict[str, str]:
+    """A child's whole environment: PATH, the `passenv` names from netd's own environment,
+    the config's `env`, the peer's UCSPI variables, REMOTE_HOST, NETD_SERVICE."""
+    env = {"PATH": DEFAULT_PATH}
+    for name in service.passenv:
+        if name in os.environ:
+            env[name] = os.environ[name]
+    env.update(service.env)
+    env.update(peer.ucspi_env())
+    if peer.remote is not None:
+        env["REMOTE_HOST"] = peer.remote[0]  # as xinetd sets it: the address, no lookup
+    env["NETD_SERVICE"] = service.name
+    return env
 
 
-def spawn_exec(argv: tuple[str, ...], env: dict[str, str], conn_fd: int, stderr_fd: int) -> int:
-    """Start argv with conn_fd as stdin and stdout; returns the child's pid.
+def spawn_exec(program: str, argv: tuple[str, ...], env: dict[str, str], conn_fd: int,
+               stderr_fd: int) -> int:
+    """Start `program` with `argv` (argv[0] may name another program, as tcpd wants) and
+    conn_fd as stdin and stdout; returns the child's pid.
 
     Every other fd of its parent is close-on-exec (Python's default), so the
     program holds exactly 0, 1 and 2. It gets default signal dispositions, an empty
     signal mask and its own session, so a Ctrl-C at netd's terminal reaches netd only.
     """
     return os.posix_spawn(
-        argv[0], argv, env,
+        program, argv, env,
         file_actions=[
             (os.POSIX_SPAWN_DUP2, conn_fd, 0),
             (os.POSIX_SPAWN_DUP2, conn_fd, 1),
@@ -143,7 +155,8 @@ def become(identity: Identity) -> None:
                                   f"{identity.user}")
         return
     assert identity.gid is not None
-    os.setgroups(list(identity.groups or (identity.gid,)))
+    # An empty list means no supplementary groups at all (xinetd's `groups = no`).
+    os.setgroups(list(identity.groups if identity.groups is not None else (identity.gid,)))
     os.setresgid(identity.gid, identity.gid, identity.gid)
     os.setresuid(identity.uid, identity.uid, identity.uid)
 

@@ -233,8 +233,8 @@ class Spawner:
         try:
             if service.kind == "exec":
                 stderr = served.stderr.write_fd if served.stderr is not None else self.devnull
-                return spawn_exec(service.argv, exec_env(dict(service.env), service.name, peer),
-                                  sock.fileno(), stderr)
+                return spawn_exec(service.program or service.argv[0], service.argv,
+                                  exec_env(service, peer), sock.fileno(), stderr)
             return fork_handler(lambda: serve_python(service, sock, remote),
                                 [sock.fileno(), *self.log.fds()], self.log, service.name)
         except OSError as e:
@@ -252,8 +252,9 @@ class Spawner:
         if service.max_duration_s is not None:
             child.deadline = self.loop.after(
                 service.max_duration_s, lambda: self._expire(child, signal.SIGTERM))
-        self.log.event("accept", **accept_fields(service.name, peer, _local(served, listener, peer),
-                                                 child.pid, mode))
+        self.log.event("accept", "info" if service.log_accept else "debug",
+                       **accept_fields(service.name, peer, _local(served, listener, peer),
+                                       child.pid, mode))
         self._report(started=Started(child.pid, service.name, child.ticket.source
                                      if child.ticket else None, child.wait_key))
 
@@ -271,15 +272,18 @@ class Spawner:
         assert service.builtin is not None
         served.accepted += 1
         pid = os.getpid()
-        self.log.event("accept", **accept_fields(service.name, peer, _local(served, listener, peer),
-                                                 pid, "inline"))
+        self.log.event("accept", "info" if service.log_accept else "debug",
+                       **accept_fields(service.name, peer, _local(served, listener, peer),
+                                       pid, "inline"))
         started_s = time.monotonic()
         self._report()
 
         def ended(reason: str) -> None:
             self.streams.discard(stream)
             ticket.release()
-            self.log.event("close", service=service.name, **peer.who(), pid=pid, reason=reason,
+            logged = service.log_exit or reason != "done"
+            self.log.event("close", "info" if logged else "debug", service=service.name,
+                           **peer.who(), pid=pid, reason=reason,
                            duration=f"{time.monotonic() - started_s:.3f}s")
 
         stream = InlineStream(self.loop, conn, BUILTINS[service.builtin].stream,
@@ -420,8 +424,10 @@ class Spawner:
                                signal=signal.Signals(os.WTERMSIG(status)).name,
                                duration=duration)
             else:
-                self.log.event("exit", service=child.service, pid=child.pid,
-                               status=os.waitstatus_to_exitcode(status), duration=duration)
+                logged = served is None or served.service.log_exit
+                self.log.event("exit", "info" if logged else "debug", service=child.service,
+                               pid=child.pid, status=os.waitstatus_to_exitcode(status),
+                               duration=duration)
             self._report(ended=(child.pid, status))
         if served is None:
             return

@@ -32,7 +32,7 @@ from netd.logs import Log
 from netd.loop import EventLoop, Timer
 from netd.peer import describe
 from netd.reports import Batch, Started
-from netd.sockets import bind, set_file_owner
+from netd.sockets import bind, set_file_owner, tune
 from netd.spawn import become_subreaper, signal_group
 from netd.spawner import Plan
 from netd.spawner_handle import SpawnerHandle
@@ -167,6 +167,7 @@ class Supervisor:
             known.listeners = plan[service.name]
             for lst in known.listeners:
                 lst.sock.setblocking(service.waits(lst.address))
+                tune(lst.sock, service)  # accepted connections inherit the options
         if config.daemon.max_children != self.pool.limit:
             self.pool = ChildPool(config.daemon.max_children)
         self.config = config
@@ -280,8 +281,11 @@ class Supervisor:
             result = {"ok": False, "error": e.strerror or str(e)}
         else:
             result = {"ok": True, **changes}
+        self.control.ensure()
         self.last_reload = {"time": time.time(), **result}
         if result["ok"]:
+            for warning in self.config.warnings:
+                self.log.event("config", "warning", msg=warning)
             self.log.event("reload", result="ok", services=len(self.config.services),
                            added=",".join(changes["added"]) or None,
                            changed=",".join(changes["changed"]) or None,
@@ -509,7 +513,9 @@ class Supervisor:
                  "children": children.get(name, 0), "accepted": record.accepted,
                  "refused": record.refused}
                 for name, record in self.records.items()
-            ],
+            ] + [{"name": off.name, "state": "disabled", "handler": off.handler,
+                  "origin": off.origin, "listen": [], "children": 0, "accepted": 0,
+                  "refused": 0} for off in self.config.disabled],
         }
 
     def _status_line(self) -> str:

@@ -52,16 +52,36 @@ class Sequence(list[Any]):
     item_where: list[Where]
 
 
-def load_file(path: str) -> Any:
-    """Read and parse one YAML file into located values; raises YamlError or OSError."""
+def located(value: Any, where: Where) -> Any:
+    """Plain dicts and lists as Mapping and Sequence values that all sit at `where`: how a
+    service read from another format (an inetd.conf line) goes through validation."""
+    if isinstance(value, dict):
+        mapping = Mapping((k, located(v, where)) for k, v in value.items())
+        mapping.where, mapping.key_where = where, {k: where for k in value}
+        return mapping
+    if isinstance(value, list):
+        seq = Sequence(located(v, where) for v in value)
+        seq.where, seq.item_where = where, [where] * len(value)
+        return seq
+    return value
+
+
+def load_file(path: str, only: str | None = None) -> Any:
+    """Read and parse one YAML file into located values; raises YamlError or OSError.
+
+    With `only`, just the top-level `only:` block is parsed, so that a mistake elsewhere
+    in the file does not hide it.
+    """
     with open(path, "rb") as f:
-        _check_trusted(path, os.fstat(f.fileno()))
+        check_trusted(path, os.fstat(f.fileno()))
         raw = f.read()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8", errors="strict" if only is None else "replace")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise YamlError(Where(path, line), f"not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
+    if only is not None:
+        text = _only_block(text, only)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as e:
@@ -80,7 +100,20 @@ def load_file(path: str) -> Any:
         raise YamlError(Where(path, 1), "nested too deeply") from None
 
 
-def _check_trusted(path: str, info: os.stat_result) -> None:
+def _only_block(text: str, key: str) -> str:
+    """`text` with every line outside the top-level `key:` block blanked (so that line
+    numbers stay true)."""
+    lines = text.split("\n")
+    inside = False
+    for i, line in enumerate(lines):
+        if line[:1] not in ("", " ", "\t", "#"):
+            inside = line.startswith(key + ":")
+        if not inside:
+            lines[i] = ""
+    return "\n".join(lines)
+
+
+def check_trusted(path: str, info: os.stat_result) -> None:
     """Refuse a config someone other than its owner (root or netd's user) may change:
     whoever can write it can make netd run any program, often as root."""
     if info.st_uid not in (0, os.geteuid()):

@@ -8,6 +8,7 @@ no caller carries a "was it counted" flag around.
 
 from __future__ import annotations
 
+import _multiprocessing
 import os
 import time
 from collections.abc import Iterator
@@ -25,9 +26,6 @@ class ChildPool:
         self.limit = limit
         self._places = None
         if limit is not None:
-            # Imported here: only a config with max_children needs it.
-            import _multiprocessing
-
             # An unnamed (unlinked at once) semaphore, shared with whoever forks after.
             name = f"/netd-{os.getpid()}-{id(self)}"
             self._places = _multiprocessing.SemLock(1, limit, limit, name, True)

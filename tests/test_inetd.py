@@ -311,7 +311,7 @@ def test_builtin_lines_for_tcp_and_udp_are_one_service(tmp_path: Path) -> None:
     assert done.returncode == 0, output(done)
     services = {line.split()[0]: line for line in done.stdout.splitlines()[1:]}
     assert sorted(services) == ["daytime-tcp", "daytime-udp", "echo"], output(done)
-    assert "tcp://0.0.0.0:7 (nowait)" in services["echo"]
+    assert "tcp://0.0.0.0:7 (inline)" in services["echo"]
     assert "udp://0.0.0.0:7 (inline)" in services["echo"]
 
 

@@ -39,7 +39,6 @@ class Batch:
     ended: list[tuple[int, int]] = field(default_factory=list)  # (pid, wait status)
     counts: dict[str, list[int]] = field(default_factory=dict)  # service: [accepted, refused]
     states: dict[str, str] = field(default_factory=dict)
-    fatal: str | None = None
 
     def __len__(self) -> int:
         return len(self.started) + len(self.ended) + len(self.counts) + len(self.states)
@@ -49,7 +48,6 @@ class Batch:
         return json.dumps({
             "started": [[s.pid, s.service, s.source, s.wait_key] for s in self.started],
             "ended": self.ended, "counts": self.counts, "states": self.states,
-            "fatal": self.fatal,
         }).encode()
 
     @classmethod
@@ -58,7 +56,7 @@ class Batch:
         raw: dict[str, Any] = json.loads(data)
         return cls(started=[Started(*entry) for entry in raw["started"]],
                    ended=[(int(pid), int(status)) for pid, status in raw["ended"]],
-                   counts=raw["counts"], states=raw["states"], fatal=raw["fatal"])
+                   counts=raw["counts"], states=raw["states"])
 
 
 def send_note(sock: socket.socket, note: dict[str, Any]) -> bool:
@@ -83,3 +81,47 @@ def read_notes(sock: socket.socket) -> list[dict[str, Any]] | None:
         if not data:  # an end of file stays readable: notes read before it come first
             return notes or None
         notes.append(json.loads(data))
+
+
+class Reporter:
+    """A spawner's side: what it notes during a wake-up goes out as one batch."""
+
+    def __init__(self, link: socket.socket) -> None:
+        self.link = link
+        self.batch = Batch()
+
+    def accepted(self, service: str) -> None:
+        """One more connection taken for `service`."""
+        self.batch.counts.setdefault(service, [0, 0])[0] += 1
+
+    def refused(self, service: str) -> None:
+        """One more connection turned away for `service`."""
+        self.batch.counts.setdefault(service, [0, 0])[1] += 1
+
+    def started(self, started: Started) -> None:
+        """A child started."""
+        self.batch.started.append(started)
+        self._full()
+
+    def ended(self, pid: int, status: int) -> None:
+        """A child ended with wait status `status`."""
+        self.batch.ended.append((pid, status))
+        self._full()
+
+    def state(self, service: str, state: str) -> None:
+        """The service's state changed (listening, busy, suspended)."""
+        self.batch.states[service] = state
+
+    def _full(self) -> None:
+        if len(self.batch) >= BATCH_MAX:
+            self.flush()
+
+    def flush(self) -> None:
+        """Send what was noted, if anything."""
+        if not len(self.batch):
+            return
+        try:
+            self.link.send(self.batch.encode())
+        except OSError:
+            pass  # the supervisor is gone or not reading: it has its own view to go on
+        self.batch = Batch()

@@ -29,7 +29,6 @@ from functools import partial
 
 from netd.children import Child, ChildPool, ChildTable, Ticket
 from netd.config.model import Identity, Service
-from netd.firstbytes import FirstBytes
 from netd.handlers.builtins import BUILTINS
 from netd.handlers.inline import InlineStream
 from netd.listener import Listener
@@ -37,15 +36,13 @@ from netd.logs import Log
 from netd.loop import EventLoop, Timer
 from netd.peer import Peer, accept_fields, describe, refuse_fields
 from netd.policy import Counters, RateWindow, Refuse, check_rate, decide, source_key
-from netd.proxy import ProxyHeader
-from netd.proxywait import ProxyWait
-from netd.reports import BATCH_MAX, Batch, Started, read_notes
+from netd.proxywait import ProxyGate
+from netd.reports import Reporter, Started, read_notes
 from netd.spawn import exec_env, fork_handler, serve_python, signal_group, spawn_exec
 from netd.stderr import StderrPipe
 
 ACCEPTS_PER_WAKEUP = 64
 DATAGRAMS_PER_WAKEUP = 64
-MAX_PROXY_WAITS = 1024     # connections whose PROXY header may be pending at once
 RESOURCE_PAUSE_S = 1.0     # a service stops accepting this long when out of fds or processes
 KILL_GRACE_S = 5.0         # after max_duration's SIGTERM, SIGKILL
 # A UDP builtin never answers port 0 or another small-services port: that is how two
@@ -76,20 +73,8 @@ class Served:
     counters: Counters = field(default_factory=Counters)
     window: RateWindow | None = None
     stderr: StderrPipe | None = None
-    accepted: int = 0
-    refused: int = 0
     state: str = "listening"
     resume_at: Timer | None = None
-
-
-class ProxyArrival(ProxyWait):
-    """A connection to `served` on `listener` whose PROXY header is still arriving."""
-
-    def __init__(self, conn: socket.socket, remote: tuple[str, int], served: Served,
-                 listener: Listener) -> None:
-        super().__init__(conn, remote)
-        self.served = served
-        self.listener = listener
 
 
 class Spawner:
@@ -104,12 +89,11 @@ class Spawner:
         self.children = ChildTable()
         self.streams: set[InlineStream] = set()
         self.leaving: str | None = None  # "retire" or "stop"
-        self.batch = Batch()
-        self.counted = False  # something to report since the last batch
+        self.report = Reporter(link)
         self.served = {service.name: Served(service, listeners)
                        for service, listeners in plan.services}
-        self.proxies: FirstBytes[ProxyArrival, ProxyHeader] = FirstBytes(
-            self.loop, MAX_PROXY_WAITS, self._proxy_header, self._proxy_failed)
+        self.proxies: ProxyGate[tuple[Served, Listener]] = ProxyGate(
+            self.loop, self._proxied, self._proxy_refused)
         for started in plan.inherited:
             self._inherit(started)
 
@@ -131,10 +115,10 @@ class Spawner:
             self._serve(served)
         self._reap()  # a child that ended before the handlers were in place
         while not self._done():
-            self._flush_batch()  # what this wake-up did, in one report
+            self.report.flush()  # what this wake-up did, in one batch
             self.log.pump(self.loop)
             self.loop.run_once()
-        self._flush_batch()
+        self.report.flush()
         self.log.wind_up()
         self.log.flush()
 
@@ -192,7 +176,7 @@ class Spawner:
                     return
                 continue
             if service.proxy is not None:
-                self._await_proxy(served, listener, conn, remote)
+                self.proxies.wait((served, listener), conn, remote, service.proxy)
             else:
                 peer = Peer.of(conn, listener.address.proto, remote, listener.fixed_local)
                 self._admit(served, listener, conn, peer, remote)
@@ -248,21 +232,20 @@ class Spawner:
                  mode: str | None) -> None:
         service = served.service
         self.children.add(child)
-        served.accepted += 1
+        self.report.accepted(service.name)
         if service.max_duration_s is not None:
             child.deadline = self.loop.after(
                 service.max_duration_s, lambda: self._expire(child, signal.SIGTERM))
         self.log.event("accept", "info" if service.log_accept else "debug",
                        **accept_fields(service.name, peer, _local(served, listener, peer),
                                        child.pid, mode))
-        self._report(started=Started(child.pid, service.name, child.ticket.source
-                                     if child.ticket else None, child.wait_key))
+        self.report.started(Started(child.pid, service.name, child.ticket.source
+                                    if child.ticket else None, child.wait_key))
 
     def _refuse(self, served: Served, peer: Peer, reason: str, **detail: object) -> None:
-        served.refused += 1
+        self.report.refused(served.service.name)
         self.log.event("refuse", "notice", **refuse_fields(served.service.name, peer, reason,
                                                            **detail))
-        self._report()
 
     # -- inline: builtins served in this loop ---------------------------------------
 
@@ -270,13 +253,12 @@ class Spawner:
                 ticket: Ticket) -> None:
         service = served.service
         assert service.builtin is not None
-        served.accepted += 1
+        self.report.accepted(service.name)
         pid = os.getpid()
         self.log.event("accept", "info" if service.log_accept else "debug",
                        **accept_fields(service.name, peer, _local(served, listener, peer),
                                        pid, "inline"))
         started_s = time.monotonic()
-        self._report()
 
         def ended(reason: str) -> None:
             self.streams.discard(stream)
@@ -339,35 +321,20 @@ class Spawner:
 
     # -- PROXY protocol headers -----------------------------------------------------
 
-    def _await_proxy(self, served: Served, listener: Listener, conn: socket.socket,
-                     remote: tuple[str, int]) -> None:
-        proxy = served.service.proxy
-        assert proxy is not None
-        balancer = Peer.from_ip(remote[0], remote[1])
-        if not proxy.trusted.permits_ip(remote[0]):
-            conn.close()
-            self._refuse(served, balancer, "proxy", msg="not a trusted load balancer")
-        elif not self.proxies.wait(ProxyArrival(conn, remote, served, listener),
-                                   proxy.timeout_s, "no PROXY header in time"):
-            conn.close()
-            self._refuse(served, balancer, "proxy", msg="too many headers pending")
-
-    def _proxy_header(self, wait: ProxyArrival, header: ProxyHeader) -> None:
-        conn = wait.conn
+    def _proxied(self, arrival: tuple[Served, Listener], conn: socket.socket,
+                 peer: Peer) -> None:
+        served, listener = arrival
         if self.leaving:
-            self._proxy_failed(wait, "service gone")
+            conn.close()
+            self._refuse(served, peer, "proxy", msg="service gone")
             return
-        local = conn.getsockname()[:2]
-        remote = header.source or wait.remote
-        peer = Peer("tcp", socket.AF_INET6 if ":" in remote[0] else socket.AF_INET,
-                    remote=remote, local=header.dest or (local[0], local[1]))
-        if wait.served.service.kind != "builtin":
+        if served.service.kind != "builtin":
             conn.setblocking(True)
-        self._admit(wait.served, wait.listener, conn, peer, peer.remote)
+        self._admit(served, listener, conn, peer, peer.remote)
 
-    def _proxy_failed(self, wait: ProxyArrival, why: str) -> None:
-        wait.conn.close()
-        self._refuse(wait.served, Peer.from_ip(*wait.remote), "proxy", msg=why)
+    def _proxy_refused(self, arrival: tuple[Served, Listener], balancer: Peer,
+                       why: str) -> None:
+        self._refuse(arrival[0], balancer, "proxy", msg=why)
 
     # -- suspending over a rate or a shortage ---------------------------------------
 
@@ -396,8 +363,7 @@ class Spawner:
                  else "busy" if paused and all("busy" in p for p in paused) else "listening")
         if state != served.state:
             served.state = state
-            self.batch.states[served.service.name] = state
-            self._report()
+            self.report.state(served.service.name, state)
 
     # -- children -------------------------------------------------------------------
 
@@ -428,7 +394,7 @@ class Spawner:
                 self.log.event("exit", "info" if logged else "debug", service=child.service,
                                pid=child.pid, status=os.waitstatus_to_exitcode(status),
                                duration=duration)
-            self._report(ended=(child.pid, status))
+            self.report.ended(child.pid, status)
         if served is None:
             return
         if child.wait_key is not None:
@@ -509,34 +475,6 @@ class Spawner:
     def _done(self) -> bool:
         return (self.leaving is not None and not self.streams and not self.proxies
                 and self.children.own() == 0)
-
-    # -- reports ----------------------------------------------------------------------
-
-    def _report(self, started: Started | None = None,
-                ended: tuple[int, int] | None = None) -> None:
-        """Note something for the supervisor: it goes out with the wake-up's batch."""
-        if started is not None:
-            self.batch.started.append(started)
-        if ended is not None:
-            self.batch.ended.append(ended)
-        self.counted = True
-        if len(self.batch) >= BATCH_MAX:
-            self._flush_batch()
-
-    def _flush_batch(self) -> None:
-        if not self.counted:
-            return
-        self.counted = False
-        for served in self.served.values():
-            if served.accepted or served.refused:
-                self.batch.counts[served.service.name] = [served.accepted, served.refused]
-                served.accepted = served.refused = 0
-        if len(self.batch):
-            try:
-                self.link.send(self.batch.encode())
-            except OSError:
-                pass  # the supervisor is gone or not reading: it has its own view to go on
-            self.batch = Batch()
 
 
 def _local(served: Served, listener: Listener, peer: Peer) -> str:

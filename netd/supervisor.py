@@ -19,7 +19,7 @@ import os
 import signal
 import socket
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from netd import __version__
@@ -31,42 +31,25 @@ from netd.listener import Listener
 from netd.logs import Log
 from netd.loop import EventLoop, Timer
 from netd.peer import describe
-from netd.reports import Batch, Started
 from netd.sockets import bind, set_file_owner, tune
 from netd.spawn import become_subreaper, signal_group
-from netd.spawner import Plan
-from netd.spawner_handle import SpawnerHandle
+from netd.spawners import Counts, Group, Spawners, log_exit
 from netd.systemd import Notifier, adopt
 from netd.worker_pool import WorkerPool
 
 HANDLED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
 STATUS_EVERY_S = 1.0       # systemd's STATUS= line, at most this often
-RESTART_S = 0.2            # a spawner that died is replaced after this, doubling
-RESTART_MAX_S = 30.0       # while its replacements keep dying young,
-STABLE_S = 10.0            # that is, within this long
 
 
 @dataclass(eq=False)
 class Record:
-    """A configured service as the supervisor knows it: its sockets and what its
-    spawner reported; a removed service is kept (draining) until its children end."""
+    """A configured service as the supervisor knows it: its sockets and which version
+    of its config runs; a removed service is kept (draining) until its children end."""
 
     service: Service
     listeners: list[Listener]
-    accepted: int = 0
-    refused: int = 0
-    state: str = "listening"
     draining: bool = False
     generation: int = 0
-
-
-@dataclass(eq=False)
-class ChildRecord:
-    """A child a spawner reported, and which spawner started it."""
-
-    started: Started
-    spawner: SpawnerHandle
-    started_s: float = field(default_factory=time.monotonic)
 
 
 class Supervisor:
@@ -80,14 +63,11 @@ class Supervisor:
         self.notifier.log = log  # it says when the service manager stops reading
         self.loop = EventLoop()
         self.records: dict[str, Record] = {}
-        self.spawners: dict[Identity, SpawnerHandle] = {}      # the serving one per identity
-        self.helpers: dict[int, SpawnerHandle | WorkerPool] = {}  # every live one, by pid
+        self.spawners = Spawners(self.loop, log, self._status_soon)
         self.pools: dict[str, WorkerPool] = {}
-        self.children: dict[int, ChildRecord] = {}
+        self.workers_by_pid: dict[int, WorkerPool] = {}
         self.pool = ChildPool(config.daemon.max_children)
         self.control = ControlServer(self.loop, config.daemon.control, log, self.answer)
-        self.restarts: dict[Identity, Timer] = {}
-        self.spawner_failures: dict[Identity, int] = {}
         self.stopping: str | None = None
         self.kill_rounds = 0
         self.status_at: Timer | None = None
@@ -216,43 +196,12 @@ class Supervisor:
                 groups.setdefault(service.identity, []).append((service, served))
             if service.workers:
                 self.workers(record)
-        for identity in list(self.spawners):
-            if identity not in groups:
-                self.spawners.pop(identity).retire()
-        for identity, services in groups.items():
-            current = self.spawners.get(identity)
-            if (current is None or current.plan.services != tuple(services)
-                    or current.plan.pool is not self.pool):
-                self._start_spawner(identity, tuple(services))
+        fixed: dict[Identity, Group] = {k: tuple(v) for k, v in groups.items()}
+        self.spawners.deploy(fixed, self.pool, self.config.daemon.stop_timeout_s)
         for name in list(self.pools):
             kept = self.records.get(name)
             if kept is None or kept.draining or not kept.service.workers:
                 self.pools.pop(name).retire()
-
-    def _start_spawner(self, identity: Identity,
-                       services: tuple[tuple[Service, tuple[Listener, ...]], ...]) -> None:
-        """Fork the spawner for `services` (retiring the one it replaces, if any); it
-        counts the children of earlier spawners of its identity that still run."""
-        self.loop.cancel(self.restarts.pop(identity, None))
-        if self.stopping:
-            return
-        names = {service.name for service, _ in services}
-        inherited = tuple(c.started for c in self.children.values()
-                          if c.spawner.plan.identity == identity and c.started.service in names)
-        plan = Plan(identity, services, self.pool, self.config.daemon.stop_timeout_s, inherited)
-        try:
-            handle = SpawnerHandle(plan, self.loop, self.log, self._batch)
-        except OSError as e:
-            self.log.event("error", "err", user=identity.user, msg=f"cannot start spawner: {e}")
-            self._restart_later(identity)
-            return
-        old = self.spawners.get(identity)
-        self.spawners[identity] = handle
-        self.helpers[handle.pid] = handle
-        if old is not None:
-            old.retire()
-        for name in names:
-            self.records[name].state = "listening"
 
     def workers(self, record: Record) -> None:
         """Workers mode: keep `workers` prefork workers of the service running."""
@@ -264,7 +213,7 @@ class Supervisor:
         if pool is not None:
             pool.retire()
         new = WorkerPool(self.loop, self.log, service, listeners, record.generation,
-                         on_start=lambda pid: self.helpers.__setitem__(pid, new))
+                         on_start=lambda pid: self.workers_by_pid.__setitem__(pid, new))
         self.pools[service.name] = new
         if not self.stopping:
             new.fill()
@@ -272,7 +221,7 @@ class Supervisor:
     def reload(self) -> dict[str, Any]:
         """Re-read the config file and apply the difference; on any error keep all as is."""
         self.notifier.reloading()
-        self._read_reports()
+        self.spawners.read()
         try:
             changes = self.apply(load_config(self.config.path))
         except ConfigError as e:
@@ -302,7 +251,7 @@ class Supervisor:
         self.loop.watch(self.wakeup_r, self._signals)
         if self.notifier.watchdog_interval_s is not None:
             self.loop.every(self.notifier.watchdog_interval_s, self.notifier.watchdog)
-        while not (self.stopping and not self.helpers and not self.children):
+        while not (self.stopping and not self._running()):
             self.log.pump(self.loop)
             self.loop.run_once()
         self.close_all()
@@ -344,65 +293,27 @@ class Supervisor:
             for lst in record.listeners:
                 self._close_listener(lst)
             record.listeners = []
-        for identity in list(self.restarts):
-            self.loop.cancel(self.restarts.pop(identity))
-        for helper in set(self.helpers.values()):
-            if isinstance(helper, SpawnerHandle):
-                helper.stop(self.config.daemon.stop_timeout_s)
-            else:
-                helper.retire()
-        for pid in self._orphans():
-            signal_group(pid, signal.SIGTERM)
+        self.spawners.stop(self.config.daemon.stop_timeout_s)
+        for pool in set(self.workers_by_pid.values()):
+            pool.retire()
         self.loop.every(self.config.daemon.stop_timeout_s, self._kill_left)
+
+    def _running(self) -> bool:
+        """Whether any process of ours still runs: a spawner, a worker or an orphan."""
+        return bool(self.spawners.by_pid or self.workers_by_pid or self.spawners.children)
 
     def _kill_left(self) -> None:
         """At each stop deadline: SIGKILL the workers and orphans still running (each
         spawner does the same for its own children); from the second one on, the
         spawners that have not left too."""
-        workers = [pid for pid, h in self.helpers.items() if isinstance(h, WorkerPool)]
-        left = workers + self._orphans()
+        left = list(self.workers_by_pid) + self.spawners.orphans()
         if left:
             self.log.event("kill", "warning", children=len(left), reason="stop_timeout")
         if self.kill_rounds:
-            left += [pid for pid, h in self.helpers.items() if isinstance(h, SpawnerHandle)]
+            left += list(self.spawners.by_pid)
         for pid in left:
             signal_group(pid, signal.SIGKILL)
         self.kill_rounds += 1
-
-    def _orphans(self) -> list[int]:
-        """Children whose spawner has died: they are ours to reap (we are a subreaper)."""
-        return [pid for pid, child in self.children.items()
-                if child.spawner.pid not in self.helpers]
-
-    # -- what the helpers report ------------------------------------------------------
-
-    def _batch(self, spawner: SpawnerHandle, batch: Batch) -> None:
-        for started in batch.started:
-            self.children[started.pid] = ChildRecord(started, spawner)
-        ended = [pid for pid, _ in batch.ended if self.children.pop(pid, None) is not None]
-        self._tell_ended(spawner.plan.identity, ended, spawner)
-        for name, (accepted, refused) in batch.counts.items():
-            record = self.records.get(name)
-            if record is not None:
-                record.accepted += accepted
-                record.refused += refused
-        if self.spawners.get(spawner.plan.identity) is spawner:
-            for name, state in batch.states.items():
-                if name in self.records:
-                    self.records[name].state = state
-        if batch.fatal is not None:
-            self.log.event("error", "err", user=spawner.plan.identity.user,
-                           msg=f"spawner failed: {batch.fatal}")
-        if ended:
-            self._forget_drained()
-        self._status_soon()
-
-    def _tell_ended(self, identity: Identity, pids: list[int],
-                    reporter: SpawnerHandle | None) -> None:
-        """The serving spawner of `identity` counts children of earlier ones: tell it."""
-        current = self.spawners.get(identity)
-        if current is not None and current is not reporter:
-            current.ended(pids)
 
     def reap(self) -> None:
         """Collect every process of ours that has exited: spawners, workers, orphans."""
@@ -413,90 +324,36 @@ class Supervisor:
                 break
             if pid == 0:
                 break
-            helper = self.helpers.pop(pid, None)
-            if isinstance(helper, SpawnerHandle):
-                self._spawner_exited(helper, status)
-            elif helper is not None:
-                self._log_exit(helper.service.name, pid, status,
-                               time.monotonic() - helper.started_s[pid])
-                helper.lost(pid)
-            elif pid in self.children:
-                child = self.children.pop(pid)
-                self._log_exit(child.started.service, pid, status,
-                               time.monotonic() - child.started_s)
-                self._tell_ended(child.spawner.plan.identity, [pid], None)
+            pool = self.workers_by_pid.pop(pid, None)
+            if pool is not None:
+                log_exit(self.log, pool.service.name, pid, status,
+                         time.monotonic() - pool.started_s[pid])
+                pool.lost(pid)
+            else:
+                self.spawners.exited(pid, status)
         self._forget_drained()
-
-    def _spawner_exited(self, spawner: SpawnerHandle, status: int) -> None:
-        spawner.close()
-        identity = spawner.plan.identity
-        for pid in [pid for pid, c in self.children.items() if c.spawner is spawner]:
-            if not _exists(pid):
-                del self.children[pid]  # its end was never reported
-        if spawner.retired:
-            return  # it left as told, once its children had ended
-        if self.spawners.get(identity) is spawner:
-            del self.spawners[identity]
-        self.log.event("error", "err", user=identity.user,
-                       msg=f"spawner exited (status {os.waitstatus_to_exitcode(status)})")
-        if not self.stopping:
-            self._restart_later(identity)
-
-    def _restart_later(self, identity: Identity) -> None:
-        """Replace a spawner that died, after a delay that doubles while they keep failing."""
-        failures = self.spawner_failures.get(identity, 0)
-        self.spawner_failures[identity] = failures + 1
-        delay_s = min(RESTART_MAX_S, RESTART_S * 2 ** failures)
-        self.loop.cancel(self.restarts.get(identity))
-        self.restarts[identity] = self.loop.after(delay_s, lambda: self._restart(identity))
-
-    def _restart(self, identity: Identity) -> None:
-        self.restarts.pop(identity, None)
-        self._deploy()
-        # Forgiven once a replacement has lived a while.
-        self.loop.after(STABLE_S, lambda: self._forgive(identity))
-
-    def _forgive(self, identity: Identity) -> None:
-        if identity in self.spawners:
-            self.spawner_failures.pop(identity, None)
-
-    def _log_exit(self, service: str, pid: int, status: int, lived_s: float) -> None:
-        duration = f"{lived_s:.3f}s"
-        if os.WIFSIGNALED(status):
-            self.log.event("exit", "warning", service=service, pid=pid,
-                           signal=signal.Signals(os.WTERMSIG(status)).name, duration=duration)
-        else:
-            self.log.event("exit", service=service, pid=pid,
-                           status=os.waitstatus_to_exitcode(status), duration=duration)
 
     def _forget_drained(self) -> None:
         """Drop removed services once their last child has exited."""
-        busy = {child.started.service for child in self.children.values()}
-        busy.update(pool.service.name for pool in set(self.helpers.values())
-                    if isinstance(pool, WorkerPool))
+        busy = {child.started.service for child in self.spawners.children.values()}
+        busy.update(pool.service.name for pool in self.workers_by_pid.values())
         for name in [n for n, r in self.records.items() if r.draining and n not in busy]:
             del self.records[name]
 
     # -- status -----------------------------------------------------------------------
 
-    def _read_reports(self) -> None:
-        """Take in what every spawner has reported so far (so counters are current)."""
-        for helper in list(self.helpers.values()):
-            if isinstance(helper, SpawnerHandle):
-                helper.read()
-
     def status(self) -> dict[str, Any]:
         """What `netd status` shows: the daemon, then every service with its counters."""
-        self._read_reports()
+        self.spawners.read()
         children: dict[str, int] = {}
         held = set()
-        for child in self.children.values():
+        for child in self.spawners.children.values():
             children[child.started.service] = children.get(child.started.service, 0) + 1
             if child.started.wait_key is not None:
                 held.add(child.started.wait_key)
-        for helper in self.helpers.values():
-            if isinstance(helper, WorkerPool):
-                children[helper.service.name] = children.get(helper.service.name, 0) + 1
+        for pool in self.workers_by_pid.values():
+            children[pool.service.name] = children.get(pool.service.name, 0) + 1
+        counts = self.spawners.counts
         return {
             "daemon": {
                 "pid": os.getpid(), "version": __version__, "config": self.config.path,
@@ -505,13 +362,14 @@ class Supervisor:
                 "children": sum(children.values()), "last_reload": self.last_reload,
             },
             "services": [
-                {"name": name, "state": "draining" if record.draining else record.state,
+                {"name": name,
+                 "state": "draining" if record.draining else _counts(counts, name).state,
                  "handler": record.service.handler,
                  "listen": [{"address": lst.local, "proto": lst.address.proto,
                              "mode": record.service.mode(lst.address),
                              "busy": str(lst.address) in held} for lst in record.listeners],
-                 "children": children.get(name, 0), "accepted": record.accepted,
-                 "refused": record.refused}
+                 "children": children.get(name, 0), "accepted": _counts(counts, name).accepted,
+                 "refused": _counts(counts, name).refused}
                 for name, record in self.records.items()
             ] + [{"name": off.name, "state": "disabled", "handler": off.handler,
                   "origin": off.origin, "listen": [], "children": 0, "accepted": 0,
@@ -519,8 +377,8 @@ class Supervisor:
         }
 
     def _status_line(self) -> str:
-        accepted = sum(r.accepted for r in self.records.values())
-        return (f"{len(self.records)} services, {len(self.children)} children, "
+        accepted = sum(c.accepted for c in self.spawners.counts.values())
+        return (f"{len(self.records)} services, {len(self.spawners.children)} children, "
                 f"{accepted} accepted")
 
     def _status_soon(self) -> None:
@@ -543,22 +401,14 @@ class Supervisor:
             record.listeners = []
         for sock in self.passed.values():
             sock.close()
-        for helper in set(self.helpers.values()):
-            if isinstance(helper, SpawnerHandle):
-                helper.close()
+        self.spawners.close()
         self.loop.close()
         self.wakeup_r.close()
         self.wakeup_w.close()
 
 
-def _exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _counts(counts: dict[str, Counts], name: str) -> Counts:
+    return counts.get(name) or Counts()
 
 
 def _note_signal(signum: int, frame: object) -> None:

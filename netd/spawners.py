@@ -1,0 +1,296 @@
+"""The supervisor's side of the spawners (netd.spawner is what runs inside one).
+
+`SpawnerHandle` is one spawner process: forked with its plan, its reports read, the
+supervisor's notes passed to it. `Spawners` is all of them: the one serving each
+identity, those retired but still finishing their children, every child they
+reported, and what each service accepted and refused.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from netd.children import ChildPool
+from netd.config.model import Identity, Service
+from netd.listener import Listener
+from netd.logs import Log
+from netd.loop import EventLoop, Timer
+from netd.reports import Batch, Started, send_note
+from netd.spawn import fork_helper, signal_group
+from netd.spawner import Plan, Spawner
+
+RESTART_S = 0.2       # a spawner that died is replaced after this, doubling
+RESTART_MAX_S = 30.0  # while its replacements keep dying young,
+STABLE_S = 10.0       # that is, within this long
+
+Group = tuple[tuple[Service, tuple[Listener, ...]], ...]  # the services of one identity
+
+
+class SpawnerHandle:
+    """One spawner process: `on_batch(handle, batch)` for each report it sends."""
+
+    def __init__(self, plan: Plan, loop: EventLoop, log: Log,
+                 on_batch: Callable[[SpawnerHandle, Batch], None]) -> None:
+        self.plan = plan
+        self.loop = loop
+        self.on_batch = on_batch
+        self.retired = False
+        self.link, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        sockets = [lst.sock.fileno() for _, listeners in plan.services for lst in listeners]
+        devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+
+        def main() -> None:
+            log.in_child(has_loop=True)  # it never stalls its loop on a slow syslog
+            try:
+                Spawner(plan, theirs, log, devnull).run()
+            except Exception as e:  # a fault of ours: say what, then leave (status 1)
+                log.wind_up()
+                log.event("error", "err", user=plan.identity.user, pid=os.getpid(),
+                          msg=f"spawner failed: {type(e).__name__}: {e}",
+                          traceback="".join(traceback.format_exception(e)).rstrip())
+                raise
+
+        try:
+            self.pid = fork_helper(main, [theirs.fileno(), devnull, *sockets, *log.fds()],
+                                   plan.identity)
+        finally:
+            theirs.close()
+            os.close(devnull)
+        self.link.setblocking(False)
+        loop.watch(self.link, self.read)
+
+    def read(self) -> None:
+        """Take in every batch waiting on the link."""
+        while True:
+            try:
+                data = self.link.recv(1 << 20)
+            except BlockingIOError:
+                return
+            except OSError:
+                data = b""
+            if not data:  # it has left (its exit is reaped through SIGCHLD)
+                self.loop.unwatch(self.link)
+                return
+            self.on_batch(self, Batch.decode(data))
+
+    def retire(self) -> None:
+        """Stop accepting, let the children finish, then leave."""
+        self.retired = True
+        send_note(self.link, {"retire": True})
+
+    def stop(self, timeout_s: float) -> None:
+        """netd is stopping: stop accepting and end the children (SIGTERM, then SIGKILL
+        after `timeout_s`)."""
+        self.retired = True
+        send_note(self.link, {"stop": timeout_s})
+
+    def ended(self, pids: list[int]) -> None:
+        """Children of earlier spawners that it counts have ended."""
+        if pids:
+            send_note(self.link, {"ended": pids})
+
+    def close(self) -> None:
+        """Forget the process (it has exited): drain its last reports, close the link."""
+        self.read()
+        self.loop.unwatch(self.link)
+        self.link.close()
+
+
+@dataclass(eq=False)
+class ChildRecord:
+    """A child a spawner reported, and which spawner started it."""
+
+    started: Started
+    spawner: SpawnerHandle
+    started_s: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class Counts:
+    """What one service's spawners reported about it."""
+
+    accepted: int = 0
+    refused: int = 0
+    state: str = "listening"
+
+
+class Spawners:
+    """Every spawner of the supervisor, and the children they reported."""
+
+    def __init__(self, loop: EventLoop, log: Log, on_report: Callable[[], None]) -> None:
+        self.loop = loop
+        self.log = log
+        self.on_report = on_report  # told after each batch (to update systemd's status)
+        self.serving: dict[Identity, SpawnerHandle] = {}
+        self.by_pid: dict[int, SpawnerHandle] = {}  # every live one, retired ones too
+        self.children: dict[int, ChildRecord] = {}
+        self.counts: dict[str, Counts] = {}
+        self.restarts: dict[Identity, Timer] = {}
+        self.failures: dict[Identity, int] = {}
+        self.groups: dict[Identity, Group] = {}
+        self.pool = ChildPool(None)
+        self.stop_timeout_s = 0.0
+        self.stopping = False
+
+    def deploy(self, groups: dict[Identity, Group], pool: ChildPool,
+               stop_timeout_s: float) -> None:
+        """Have one spawner serve each group; replace those whose group changed (the old
+        one finishes what it serves) and retire those with none left."""
+        self.groups, self.pool, self.stop_timeout_s = groups, pool, stop_timeout_s
+        for identity in list(self.serving):
+            if identity not in groups:
+                self.serving.pop(identity).retire()
+        for identity, services in groups.items():
+            current = self.serving.get(identity)
+            if (current is None or current.plan.services != services
+                    or current.plan.pool is not pool):
+                self._start(identity)
+
+    def _start(self, identity: Identity) -> None:
+        """Fork the spawner of `identity`, counting the children of its earlier spawners
+        that still serve one of its services; the one it replaces retires."""
+        self.loop.cancel(self.restarts.pop(identity, None))
+        services = self.groups.get(identity)
+        if self.stopping or services is None:
+            return
+        names = {service.name for service, _ in services}
+        inherited = tuple(c.started for c in self.children.values()
+                          if c.spawner.plan.identity == identity and c.started.service in names)
+        plan = Plan(identity, services, self.pool, self.stop_timeout_s, inherited)
+        try:
+            handle = SpawnerHandle(plan, self.loop, self.log, self._batch)
+        except OSError as e:
+            self.log.event("error", "err", user=identity.user, msg=f"cannot start spawner: {e}")
+            self._restart_later(identity)
+            return
+        old = self.serving.get(identity)
+        self.serving[identity] = handle
+        self.by_pid[handle.pid] = handle
+        if old is not None:
+            old.retire()
+        for name in names:
+            self.counts.setdefault(name, Counts()).state = "listening"
+
+    def _batch(self, spawner: SpawnerHandle, batch: Batch) -> None:
+        for started in batch.started:
+            self.children[started.pid] = ChildRecord(started, spawner)
+        ended = [pid for pid, _ in batch.ended if self.children.pop(pid, None) is not None]
+        self._tell_ended(spawner.plan.identity, ended, spawner)
+        for name, (accepted, refused) in batch.counts.items():
+            counts = self.counts.setdefault(name, Counts())
+            counts.accepted += accepted
+            counts.refused += refused
+        if self.serving.get(spawner.plan.identity) is spawner:
+            for name, state in batch.states.items():
+                self.counts.setdefault(name, Counts()).state = state
+        self.on_report()
+
+    def _tell_ended(self, identity: Identity, pids: list[int],
+                    reporter: SpawnerHandle | None) -> None:
+        """The serving spawner of `identity` counts children of earlier ones: tell it."""
+        current = self.serving.get(identity)
+        if current is not None and current is not reporter:
+            current.ended(pids)
+
+    def read(self) -> None:
+        """Take in what every spawner has reported so far (so counters are current)."""
+        for spawner in list(self.by_pid.values()):
+            spawner.read()
+
+    # -- processes that exited --------------------------------------------------------
+
+    def exited(self, pid: int, status: int) -> bool:
+        """A spawner exited (True), or a child of one that died before it (True, logged
+        as its spawner would have); False for neither."""
+        spawner = self.by_pid.pop(pid, None)
+        if spawner is not None:
+            self._spawner_exited(spawner, status)
+            return True
+        child = self.children.pop(pid, None)
+        if child is None:
+            return False
+        log_exit(self.log, child.started.service, pid, status,
+                 time.monotonic() - child.started_s)
+        self._tell_ended(child.spawner.plan.identity, [pid], None)
+        return True
+
+    def _spawner_exited(self, spawner: SpawnerHandle, status: int) -> None:
+        spawner.close()
+        for pid in [pid for pid, c in self.children.items() if c.spawner is spawner]:
+            if not _exists(pid):
+                del self.children[pid]  # its end was never reported
+        if spawner.retired:
+            return  # it left as told, once its children had ended
+        identity = spawner.plan.identity
+        if self.serving.get(identity) is spawner:
+            del self.serving[identity]
+        self.log.event("error", "err", user=identity.user,
+                       msg=f"spawner exited (status {os.waitstatus_to_exitcode(status)})")
+        if not self.stopping:
+            self._restart_later(identity)
+
+    def _restart_later(self, identity: Identity) -> None:
+        """Replace a spawner that died, after a delay that doubles while they keep failing."""
+        failures = self.failures.get(identity, 0)
+        self.failures[identity] = failures + 1
+        delay_s = min(RESTART_MAX_S, RESTART_S * 2 ** failures)
+        self.loop.cancel(self.restarts.get(identity))
+        self.restarts[identity] = self.loop.after(delay_s, lambda: self._restart(identity))
+
+    def _restart(self, identity: Identity) -> None:
+        self._start(identity)
+        # Forgiven once a replacement has lived a while.
+        self.loop.after(STABLE_S, lambda: self._forgive(identity))
+
+    def _forgive(self, identity: Identity) -> None:
+        if identity in self.serving:
+            self.failures.pop(identity, None)
+
+    # -- stopping ---------------------------------------------------------------------
+
+    def stop(self, timeout_s: float) -> None:
+        """Have every spawner end its children and leave; SIGTERM the orphans."""
+        self.stopping = True
+        for identity in list(self.restarts):
+            self.loop.cancel(self.restarts.pop(identity))
+        for spawner in self.by_pid.values():
+            spawner.stop(timeout_s)
+        for pid in self.orphans():
+            signal_group(pid, signal.SIGTERM)
+
+    def orphans(self) -> list[int]:
+        """Children whose spawner has died: ours to reap (the supervisor is a subreaper)."""
+        return [pid for pid, child in self.children.items()
+                if child.spawner.pid not in self.by_pid]
+
+    def close(self) -> None:
+        """Close every link (the processes are not touched)."""
+        for spawner in self.by_pid.values():
+            spawner.close()
+
+
+def log_exit(log: Log, service: str, pid: int, status: int, lived_s: float) -> None:
+    """The event=exit line of a process the supervisor reaped itself."""
+    duration = f"{lived_s:.3f}s"
+    if os.WIFSIGNALED(status):
+        log.event("exit", "warning", service=service, pid=pid,
+                  signal=signal.Signals(os.WTERMSIG(status)).name, duration=duration)
+    else:
+        log.event("exit", service=service, pid=pid, status=os.waitstatus_to_exitcode(status),
+                  duration=duration)
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -71,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
                                   "(default: daemon.stop_timeout + 5)")
         if name == "status":
             sub.add_argument("--json", action="store_true", help="print JSON for scripts")
+            sub.add_argument("services", nargs="*", metavar="SERVICE",
+                             help="show only these services (default: all)")
+        if name == "check":
+            sub.add_argument("--names", action="store_true",
+                             help="print only the service names, one a line (for scripts "
+                                  "and shell completion)")
     return parser
 
 
@@ -90,6 +96,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return EX_CONFIG
+    if args.names:
+        for service in config.services:
+            print(service.name)
+        return EX_OK
     print(f"{config.path}: OK, {len(config.services)} service(s)")
     width = max((len(s.name) for s in config.services), default=0)
     for service in config.services:
@@ -223,12 +233,21 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Print the daemon's state; exit 3 when it is not running."""
+    """Print the daemon's state and its services (all, or those named); exit 3 when it
+    is not running."""
     try:
         reply = _ask(args, "status")
     except NotRunning as e:
         print(f"netd: {e}", file=sys.stderr)
         return EX_NOT_RUNNING
+    if args.services:
+        running = [s["name"] for s in reply["services"]]
+        unknown = [name for name in args.services if name not in running]
+        if unknown:
+            print(f"netd: no service {', '.join(unknown)} in the running config "
+                  f"(it has: {', '.join(running) or 'none'})", file=sys.stderr)
+            return EX_USAGE
+        reply["services"] = [s for s in reply["services"] if s["name"] in args.services]
     if args.json:
         print(json.dumps(reply, indent=2))
         return EX_OK

@@ -190,7 +190,25 @@ def test_debian_administrators_day(box: Container, built: Built) -> None:
     admin.sh("rm /etc/netd/services.d/typo.yaml && systemctl reload netd")
     timings["bad reload"] = time.monotonic() - t0
 
-    # 5. `netd start` detaches through Debian's python-daemon (2.3.2 on bookworm).
+    # 5. A change to /etc/inetd.conf, here by update-inetd as packages make it, reloads
+    #    netd through netd-inetd.path, with nothing else done.
+    def reloads() -> int:
+        return int(admin.sh("grep -c 'event=reload result=ok' /var/log/netd.log",
+                            check=False).stdout.strip() or 0)
+
+    before = reloads()
+    admin.sh("update-inetd --group OTHER --add "
+             "'#<off># netdtest\tstream\ttcp\tnowait\tnobody\t/bin/cat\tcat'")
+    wait_until("a reload after update-inetd changed /etc/inetd.conf",
+               lambda: reloads() > before, diagnose=admin.diagnose)
+    assert admin.main_pid() == pid
+    admin.sh("update-inetd --remove netdtest")
+    wait_until("another reload", lambda: reloads() > before + 1, diagnose=admin.diagnose)
+    wait_until("netd-inetd.service to finish",
+               lambda: admin.state("netd-inetd.service") == "inactive")
+    timings["update-inetd"] = time.monotonic() - t0
+
+    # 6. `netd start` detaches through Debian's python-daemon (2.3.2 on bookworm).
     version = admin.sh("dpkg-query -W -f='${Version}' python3-daemon").stdout
     admin.sh("systemctl stop netd")
     started = admin.sh("netd start")
@@ -202,7 +220,7 @@ def test_debian_administrators_day(box: Container, built: Built) -> None:
     admin.sh("systemctl start netd")
     timings[f"netd start (python-daemon {version})"] = time.monotonic() - t0
 
-    # 6. update-inetd wakes netd: fingerd registers its inetd.conf line (through tcpd)
+    # 7. update-inetd wakes netd: fingerd registers its inetd.conf line (through tcpd)
     #    and answers; removing it disables the line and finger stops answering.
     if reads_inetd_conf():
         out = apt(admin, "install fingerd")
@@ -220,7 +238,7 @@ def test_debian_administrators_day(box: Container, built: Built) -> None:
         assert tcp(UPPER, b"after\n") == b"AFTER\n"
         timings["fingerd"] = time.monotonic() - t0
 
-    # 7. Stop, then purge: nothing the package created is left.
+    # 8. Stop, then purge: nothing the package created is left.
     admin.sh("systemctl stop netd")
     assert admin.state() == "inactive" and admin.cgroup_pids() == []
     assert free("tcp", UPPER)

@@ -45,7 +45,7 @@ PACKAGES = (
 # without downloading them again.
 DOWNLOADED = (
     "python3-yaml python3-systemd python3-daemon python3-setproctitle "
-    "python3-prometheus-client tcpd update-inetd fingerd"
+    "python3-prometheus-client tcpd update-inetd fingerd finger"
 ).split()
 STAMP_TEXT = (f"netd e2e root 2\nsuite {SUITE}\npackages {' '.join(PACKAGES)}\n"
               f"downloaded {' '.join(DOWNLOADED)}\n")

@@ -762,6 +762,9 @@ class Bench:
         out.append("| figure | value |")
         out.append("|---|---|")
         out.extend(f"| {k} | {v} |" for k, v in self.netd_figures.items())
+        if self.sink is not None:
+            out.append(f"| connections refused (event=refuse; the default limits must "
+                       f"leave none) | {self.sink.refusals} |")
         out.extend(self.cpu_split())
         others = [s for s in self.servers if s.name not in ("netd", "cecho") and s.idle_rss_mb]
         if others:
@@ -918,6 +921,7 @@ class SyslogSink:
         self.sock.bind(str(path))
         self.sock.settimeout(0.2)
         self.lines = 0
+        self.refusals = 0  # with the default limits, a benchmark run must see none
         self.running = True
         self.thread = threading.Thread(target=self._read, daemon=True)
         self.thread.start()
@@ -925,8 +929,9 @@ class SyslogSink:
     def _read(self) -> None:
         while self.running:
             with contextlib.suppress(TimeoutError, OSError):
-                self.sock.recv(8192)
+                line = self.sock.recv(8192)
                 self.lines += 1
+                self.refusals += b" event=refuse " in line
 
     def close(self) -> None:
         self.running = False

@@ -1,8 +1,10 @@
 """The `netd` command: argument parsing and one function per sub-command.
 
 Exit codes follow sysexits: 0 ok, 64 usage, 69 unavailable (already running),
-71 OS error (bind), 78 config error; `status` exits 3 when netd is not running, as
-LSB init scripts do, and `stop`/`reload` exit 1.
+71 OS error (bind), 77 permission (including a pidfile, control socket or run
+directory netd will not trust), 78 config error; `status` exits 3 when netd is not
+running, as LSB init scripts do, and `stop`/`reload` exit 1 when there is no daemon
+or no result in time.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -17,6 +20,7 @@ from typing import Any
 
 from netd import __version__
 from netd.config import Config, ConfigError, load_config, load_daemon_config
+from netd.config.model import DaemonConfig
 from netd.control import NotRunning, request
 from netd.logs import open_log
 from netd.pidfile import AlreadyRunning, Pidfile
@@ -24,8 +28,9 @@ from netd.sockets import BindError
 from netd.supervisor import Supervisor
 from netd.systemd import Notifier, passed_sockets
 
-EX_OK, EX_NOT_RUNNING, EX_USAGE, EX_UNAVAILABLE, EX_OSERR, EX_NOPERM, EX_CONFIG = (
-    0, 3, 64, 69, 71, 77, 78)
+EX_FAILED = 1        # stop, reload: no daemon, or no result in time
+EX_NOT_RUNNING = 3   # status: not running (LSB)
+RELOAD_WAIT_S = 30.0
 DEFAULT_CONFIG = "/etc/netd/netd.yaml"
 Report = Callable[[int, str], None]
 
@@ -36,16 +41,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse exits 2 on bad usage; sysexits says 64
-        return EX_OK if e.code == 0 else EX_USAGE
+        return os.EX_OK if e.code == 0 else os.EX_USAGE
     if args.command is None:
         parser.print_usage(sys.stderr)
-        return EX_USAGE
+        return os.EX_USAGE
     args.config = args.config or os.environ.get("NETD_CONFIG") or DEFAULT_CONFIG
     try:
         result: int = args.func(args)
     except PermissionError as e:
         print(f"netd: {e}", file=sys.stderr)
-        return EX_NOPERM
+        return os.EX_NOPERM
     return result
 
 
@@ -95,17 +100,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     """Validate the config; print each service with its resolved addresses."""
     config = _load(args.config)
     if config is None:
-        return EX_CONFIG
+        return os.EX_CONFIG
     if args.names:
         for service in config.services:
             print(service.name)
-        return EX_OK
+        return os.EX_OK
     print(f"{config.path}: OK, {len(config.services)} service(s)")
     width = max((len(s.name) for s in config.services), default=0)
     for service in config.services:
         addresses = ", ".join(f"{a} ({service.mode(a)})" for a in service.listen)
         print(f"  {service.name:<{width}}  {addresses}  {service.handler}")
-    return EX_OK
+    return os.EX_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -113,10 +118,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     passed = passed_sockets()  # before anything else: LISTEN_PID names this process
     config = _load(args.config)
     if config is None:
-        return EX_CONFIG
+        return os.EX_CONFIG
 
     def report(code: int, message: str) -> None:
-        if code != EX_OK:
+        if code != os.EX_OK:
             print(f"netd: {message}", file=sys.stderr)
 
     return serve(config, passed, report)
@@ -126,12 +131,12 @@ def cmd_start(args: argparse.Namespace) -> int:
     """Detach and serve; exit only once the daemon is ready, or say why it is not."""
     config = _load(args.config)
     if config is None:
-        return EX_CONFIG
+        return os.EX_CONFIG
     holder = Pidfile(config.daemon.pidfile).holder()
     if holder is not None:
         print(f"netd: already running (pid {holder}, pidfile {config.daemon.pidfile})",
               file=sys.stderr)
-        return EX_UNAVAILABLE
+        return os.EX_UNAVAILABLE
 
     # python-daemon is needed by `netd start` only: the supervisor of `netd run` (how
     # systemd runs netd) does not carry it.
@@ -139,7 +144,7 @@ def cmd_start(args: argparse.Namespace) -> int:
 
     def serve_detached(report_fd: int) -> int:
         def report(code: int, message: str) -> None:
-            line = f"ready {message}" if code == EX_OK else f"error {code} {message}"
+            line = f"ready {message}" if code == os.EX_OK else f"error {code} {message}"
             os.write(report_fd, line.replace("\n", " ").encode() + b"\n")
             os.close(report_fd)
 
@@ -153,9 +158,12 @@ def serve(config: Config, passed: dict[int, str], report: Report) -> int:
     pidfile = Pidfile(config.daemon.pidfile)
     try:
         stale = pidfile.acquire()
+    except PermissionError as e:  # also a pidfile or run directory netd will not trust
+        report(os.EX_NOPERM, str(e))
+        return os.EX_NOPERM
     except (AlreadyRunning, OSError) as e:
-        report(EX_UNAVAILABLE, str(e))
-        return EX_UNAVAILABLE
+        report(os.EX_UNAVAILABLE, str(e))
+        return os.EX_UNAVAILABLE
     try:
         _no_inherited_fds()
         log = open_log(config.log.to, config.log.syslog_address, config.log.facility,
@@ -168,36 +176,68 @@ def serve(config: Config, passed: dict[int, str], report: Report) -> int:
             supervisor.bind_all()
         except OSError as e:  # BindError says which address; others name their file
             message = e.strerror if isinstance(e, BindError) and e.strerror else str(e)
+            code = os.EX_NOPERM if isinstance(e, PermissionError) else os.EX_OSERR
             log.event("error", "err", msg=message)
-            report(EX_OSERR, message)
-            return EX_OSERR
-        report(EX_OK, str(os.getpid()))
+            report(code, message)
+            return code
+        report(os.EX_OK, str(os.getpid()))
         return supervisor.run()
     finally:
         pidfile.release()
 
 
-def _ask(args: argparse.Namespace, command: str, timeout_s: float = 30.0) -> dict[str, Any]:
-    return request(load_daemon_config(args.config).control, command, timeout_s)
-
-
 def cmd_stop(args: argparse.Namespace) -> int:
-    """Ask the daemon to stop, and wait until it has exited."""
+    """Ask the daemon to stop (or, without its control socket, send it SIGTERM), and
+    wait until it has exited."""
     daemon = load_daemon_config(args.config)
     timeout_s = args.timeout if args.timeout is not None else daemon.stop_timeout_s + 5
     try:
-        pid = int(request(daemon.control, "stop")["pid"])
+        pid: int | None = int(request(daemon.control, "stop")["pid"])
     except NotRunning as e:
-        print(f"netd: {e}", file=sys.stderr)
-        return 1
+        pid = _signal_daemon(daemon, e, signal.SIGTERM)
+    if pid is None:
+        return EX_FAILED
     deadline = time.monotonic() + timeout_s
     while _alive(pid):
         if time.monotonic() >= deadline:
             print(f"netd: pid {pid} still running after {timeout_s:g}s", file=sys.stderr)
-            return 1
+            return EX_FAILED
         time.sleep(0.05)
     print(f"netd stopped (pid {pid})")
-    return EX_OK
+    return os.EX_OK
+
+
+def _running_pid(daemon: DaemonConfig, why: NotRunning) -> int | None:
+    """The pid of the netd holding the pidfile, when its control socket does not answer;
+    None (having said so) when no netd holds it."""
+    pid = Pidfile(daemon.pidfile).holder()
+    if pid is None:
+        print(f"netd: netd is not running ({why}; pidfile {daemon.pidfile} is not locked)",
+              file=sys.stderr)
+        return None
+    if pid < 0:
+        print(f"netd: a netd holds {daemon.pidfile} but has not written its pid yet "
+              "(starting?); try again", file=sys.stderr)
+        return None
+    return pid
+
+
+def _signal_daemon(daemon: DaemonConfig, why: NotRunning, sig: signal.Signals) -> int | None:
+    """Without a control socket: send `sig` to the netd holding the pidfile; its pid, or
+    None (having said why) when there is none to signal."""
+    pid = _running_pid(daemon, why)
+    if pid is None:
+        return None
+    print(f"netd: {why}; sending {sig.name} to pid {pid} (pidfile {daemon.pidfile})",
+          file=sys.stderr)
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass  # it exited meanwhile: for stop, that is the result
+    except PermissionError:
+        raise PermissionError(f"not allowed to signal netd (pid {pid}): run this as root or "
+                              "as the user netd runs as") from None
+    return pid
 
 
 def _alive(pid: int) -> bool:
@@ -216,46 +256,89 @@ def _alive(pid: int) -> bool:
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    """Ask the daemon to re-read its config; exit 78 with the errors when it is bad."""
+    """Check the config, then ask the daemon to re-read it (or, without its control
+    socket, send it SIGHUP and wait for the socket to come back with the result); exit
+    78 with the errors when it is bad."""
+    config = _load(args.config)
+    if config is None:
+        return os.EX_CONFIG
+    daemon = config.daemon
     try:
-        reply = _ask(args, "reload")
+        reply = request(daemon.control, "reload")
     except NotRunning as e:
-        print(f"netd: {e}", file=sys.stderr)
-        return 1
+        sent_s = time.time()
+        pid = _signal_daemon(daemon, e, signal.SIGHUP)
+        if pid is None:
+            return EX_FAILED
+        found = _reload_result(daemon.control, pid, sent_s)
+        if found is None:
+            print(f"netd: no result from pid {pid} within {RELOAD_WAIT_S:g}s (its control "
+                  f"socket {daemon.control} did not come back); see its log", file=sys.stderr)
+            return EX_FAILED
+        reply = found
     if not reply.get("ok"):
         print(f"netd: reload failed, the running config stays in force:\n{reply.get('error')}",
               file=sys.stderr)
-        return EX_CONFIG
+        return os.EX_CONFIG
     changes = ", ".join(f"{k} {','.join(reply[k])}" for k in ("added", "changed", "removed")
                         if reply.get(k))
     print(f"netd reloaded ({changes or 'no changes'})")
-    return EX_OK
+    return os.EX_OK
+
+
+def _reload_result(control: str, pid: int, sent_s: float) -> dict[str, Any] | None:
+    """The outcome of the reload a SIGHUP sent at `sent_s` (wall clock) started: netd
+    re-creates a missing control socket when it reloads, and its status then holds
+    `last_reload`. None when that does not happen in time or netd exits."""
+    deadline = time.monotonic() + RELOAD_WAIT_S
+    while time.monotonic() < deadline and _alive(pid):
+        try:
+            status = request(control, "status", max(0.1, deadline - time.monotonic()))
+        except NotRunning:
+            time.sleep(0.05)
+            continue
+        last: dict[str, Any] | None = status.get("daemon", {}).get("last_reload")
+        if last is not None and last["time"] >= sent_s:
+            return last
+        time.sleep(0.05)
+    return None
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Print the daemon's state and its services (all, or those named); exit 3 when it
     is not running."""
+    daemon = load_daemon_config(args.config)
     try:
-        reply = _ask(args, "status")
+        reply = request(daemon.control, "status")
     except NotRunning as e:
-        print(f"netd: {e}", file=sys.stderr)
-        return EX_NOT_RUNNING
+        pid = _running_pid(daemon, e)
+        if pid is None:
+            return EX_NOT_RUNNING
+        why = (f"{e}, so nothing more can be shown (was it removed? `netd reload` makes "
+               "netd create it again)")
+        if args.json:
+            print(json.dumps({"ok": False, "daemon": {"pid": pid, "pidfile": daemon.pidfile},
+                              "error": why}, indent=2))
+        else:
+            print(f"netd running, pid {pid} (pidfile {daemon.pidfile})")
+            print(f"netd: {why}", file=sys.stderr)
+        return os.EX_OK
     if args.services:
         running = [s["name"] for s in reply["services"]]
         unknown = [name for name in args.services if name not in running]
         if unknown:
             print(f"netd: no service {', '.join(unknown)} in the running config "
                   f"(it has: {', '.join(running) or 'none'})", file=sys.stderr)
-            return EX_USAGE
+            return os.EX_USAGE
         reply["services"] = [s for s in reply["services"] if s["name"] in args.services]
     if args.json:
         print(json.dumps(reply, indent=2))
-        return EX_OK
-    daemon = reply["daemon"]
-    print(f"netd {daemon['version']} running, pid {daemon['pid']}, "
-          f"up {daemon['uptime_s']:.0f}s, {daemon['children']} children")
-    print(f"config: {daemon['config']}")
-    last = daemon.get("last_reload")
+        return os.EX_OK
+    daemon_state = reply["daemon"]
+    print(f"netd {daemon_state['version']} running, pid {daemon_state['pid']}, "
+          f"up {daemon_state['uptime_s']:.0f}s, {daemon_state['children']} children")
+    print(f"config: {daemon_state['config']}")
+    last = daemon_state.get("last_reload")
     if last:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["time"]))
         result = "ok" if last["ok"] else f"error: {last['error']}"
@@ -266,7 +349,7 @@ def cmd_status(args: argparse.Namespace) -> int:
               f"{service['refused']} refused")
         for listen in service["listen"]:
             print(f"    {listen['proto']} {listen['address']} ({listen['mode']})")
-    return EX_OK
+    return os.EX_OK
 
 
 def _no_inherited_fds() -> None:

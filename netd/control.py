@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import json
 import os
+import selectors
 import socket
+import stat
 import struct
 from dataclasses import dataclass
 from typing import Any
+
+from netd.config.model import Address
+from netd.logs import Log
+from netd.rundir import UnsafePath, own_dir
+from netd.sockets import bind
 
 MAX_REQUEST = 4096
 COMMANDS = ("status", "reload", "stop")
@@ -21,11 +28,52 @@ MAX_PENDING = 16
 
 
 class NotRunning(Exception):
-    """No daemon answers on the control socket."""
+    """No daemon answers on the control socket; the message says what is there instead."""
 
 
 class BadRequest(ValueError):
     """A control request that is refused; the message says why."""
+
+
+def open_control_socket(path: str) -> socket.socket:
+    """Listen on `path`, mode 0600, in a directory no other user controls; a stale socket
+    file is replaced, a symbolic link (or any other file) there is refused."""
+    own_dir(os.path.dirname(path))
+    try:
+        if stat.S_ISLNK(os.lstat(path).st_mode):
+            raise UnsafePath(f"control socket {path} is a symbolic link; not following it "
+                             "(remove it if it is not meant to be there)")
+    except FileNotFoundError:
+        pass
+    sock = bind(Address(spec="control", scheme="unix", path=path), MAX_PENDING,
+                blocking=False)
+    os.chmod(path, 0o600)  # the directory is netd's: nobody swapped the file meanwhile
+    return sock
+
+
+def ensure_control_socket(sock: socket.socket | None, selector: selectors.BaseSelector,
+                          log: Log) -> socket.socket | None:
+    """`sock` while its file is still there; a new control socket, watched as `sock` was,
+    when the file was removed (by a cleaner of /tmp), so that the commands find netd."""
+    if sock is None:
+        return None
+    path = sock.getsockname()
+    try:
+        if stat.S_ISSOCK(os.lstat(path).st_mode):
+            return sock
+    except FileNotFoundError:
+        pass
+    try:
+        fresh = open_control_socket(path)
+    except OSError as e:
+        log.event("error", "err", msg=f"cannot re-create the control socket: {e}")
+        return sock
+    key = selector.get_key(sock)
+    selector.unregister(sock)
+    sock.close()
+    selector.register(fresh, key.events, key.data)
+    log.event("control", "warning", result="recreated", path=path)
+    return fresh
 
 
 def peer_uid(conn: socket.socket) -> int:
@@ -90,9 +138,10 @@ def request(path: str, command: str, timeout_s: float = 30.0) -> dict[str, Any]:
         sock.settimeout(timeout_s)
         try:
             sock.connect(path)
-        except (FileNotFoundError, ConnectionRefusedError) as e:
-            raise NotRunning(f"netd is not running (no control socket at {path}: "
-                             f"{e.strerror})") from None
+        except FileNotFoundError:
+            raise NotRunning(f"no control socket at {path}") from None
+        except ConnectionRefusedError:
+            raise NotRunning(f"nothing listens on the control socket {path}") from None
         except PermissionError:
             raise PermissionError(f"permission denied on {path}: only the user netd runs "
                                   "as (and root) may use it; try sudo") from None
@@ -101,6 +150,6 @@ def request(path: str, command: str, timeout_s: float = 30.0) -> dict[str, Any]:
         while chunk := sock.recv(65536):
             data += chunk
     if not data:
-        raise NotRunning(f"netd closed the control connection at {path} without a reply")
+        raise NotRunning(f"no reply on the control socket {path}")
     reply: dict[str, Any] = json.loads(data)
     return reply

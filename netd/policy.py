@@ -265,6 +265,8 @@ def source_key(peer: Peer) -> str | None:
     """What per_source counts by: the IP (v4-mapped as IPv4), or uid:N for unix peers."""
     if isinstance(peer, UnixPeer):
         return None if peer.uid is None else f"uid:{peer.uid}"
+    if ":" not in peer:
+        return peer  # accept() spells an IPv4 address one way: no parsing per connection
     return str(ip_form(peer))
 
 

@@ -24,7 +24,14 @@ from typing import Any
 from netd import __version__
 from netd.config import Address, Config, ConfigError, Service, load_config
 from netd.config.model import Identity
-from netd.control import MAX_PENDING, BadRequest, ControlRequest, send_reply
+from netd.control import (
+    MAX_PENDING,
+    BadRequest,
+    ControlRequest,
+    ensure_control_socket,
+    open_control_socket,
+    send_reply,
+)
 from netd.handlers.builtins import BUILTINS
 from netd.logs import Log
 from netd.policy import RateWindow, Refuse, UnixPeer, check_rate, decide, source_key
@@ -111,9 +118,7 @@ class Supervisor:
             signal.signal(sig, _note_signal)
         try:
             self.apply(self.config)
-            self.control = bind(Address(spec="control", scheme="unix",
-                                        path=self.config.daemon.control), 16, blocking=False)
-            os.chmod(self.config.daemon.control, 0o600)
+            self.control = open_control_socket(self.config.daemon.control)
         except OSError:
             self.close_all()
             raise
@@ -252,6 +257,7 @@ class Supervisor:
             result = {"ok": False, "error": e.strerror or str(e)}
         else:
             result = {"ok": True, **changes}
+        self.control = ensure_control_socket(self.control, self.selector, self.log)
         self.last_reload = {"time": time.time(), **result}
         if result["ok"]:
             self.log.event("reload", result="ok", services=len(self.config.services),

@@ -11,8 +11,10 @@ here each path is driven end to end.
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
+import signal
 import socket
 import subprocess
 import tempfile
@@ -20,6 +22,7 @@ import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from conftest import REPO, Netd, SyslogSink, connect, free_port, free_tcp_udp_port, recv_all
@@ -619,3 +622,84 @@ def test_max_duration_sigterm_then_sigkill(start_netd: Callable[..., Netd],
                              signal="SIGKILL")
         assert kill["reason"] == "max_duration"
         assert sink.wait_for(event="exit", pid=spid)["signal"] == "SIGKILL"
+
+
+# -- default limits (issue 10, item 2) ------------------------------------------------
+
+DEFAULT_PER_SOURCE = 256  # README, "Default limits"
+FLOOD = 1200
+
+
+def sleeping_descendants(pid: int) -> list[int]:
+    """The /bin/sleep processes anywhere under `pid` (netd's spawner starts them)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        try:
+            kids = children_of(parent)
+        except OSError:
+            continue  # it ended meanwhile
+        todo.extend(kids)
+        for kid in kids:
+            try:
+                if Path(f"/proc/{kid}/comm").read_text().strip() == "sleep":
+                    found.append(kid)
+            except OSError:
+                pass
+    return found
+
+
+def service_status(directory: Path, name: str) -> dict[str, Any]:
+    """One service's entry of the daemon's status, asked on its control socket."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(WAIT_S)
+        s.connect(str(directory / "control.sock"))
+        s.sendall(b'{"cmd": "status"}\n')
+        reply = json.loads(recv_all(s))
+    found: dict[str, Any] = next(x for x in reply["services"] if x["name"] == name)
+    return found
+
+
+def test_default_limits_bound_one_client_and_recover_by_themselves(
+        start_netd: Callable[..., Netd], sink: SyslogSink) -> None:
+    """No limits in the config: 1,200 connections from one client to a program that
+    sleeps 20 s start no more than the default per_source children; the rest are
+    refused (reason=per_source) without a fork. Another client is served meanwhile, and
+    once the children end, the first client is served again with nobody stepping in."""
+    port = free_port()
+    netd = start_netd(f"""
+        services:
+          sleepy:
+            listen: tcp://127.0.0.1:{port}
+            exec: [/bin/sleep, "20"]
+        """)
+    try:
+        for _ in range(FLOOD):
+            connect(port).close()
+        # The accept queue is served in order: once the other client's connection is
+        # accepted, every one of the flood has been decided.
+        with connect(port, source="127.0.0.2") as other:
+            sink.wait_for(event="accept", service="sleepy", peer=peer_of(other))
+        live = sleeping_descendants(netd.proc.pid)
+        assert len(live) == DEFAULT_PER_SOURCE + 1, len(live)
+        status = service_status(netd.config.parent, "sleepy")
+        assert status["children"] == DEFAULT_PER_SOURCE + 1, status
+        assert status["refused"] == FLOOD - DEFAULT_PER_SOURCE, status
+        refusals = sink.find(event="refuse", service="sleepy")
+        assert refusals and {e["reason"] for e in refusals} == {"per_source"}, refusals[:3]
+        assert not sink.find(event="error")
+
+        for pid in live:  # the children end (as if their 20 s were up)
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + WAIT_S
+        while service_status(netd.config.parent, "sleepy")["children"]:
+            assert time.monotonic() < deadline, "the children's ends were not counted"
+            time.sleep(0.05)
+        with connect(port) as again:
+            sink.wait_for(event="accept", service="sleepy", peer=peer_of(again))
+    finally:
+        for pid in sleeping_descendants(netd.proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass

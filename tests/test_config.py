@@ -898,3 +898,120 @@ def test_defaults_env_merged_under_service_env(start_netd: Callable[..., Netd]) 
     assert env.get("NETD_SERVICE") == "env", data
     assert netd.stop() == 0
 
+
+
+# --- datagrams and wait: false (issue 10, item 3) ------------------------------------
+
+
+@pytest.mark.parametrize("handler", ["exec: [/bin/cat]", f"python: {HANDLER_MODULE}:handle"])
+@pytest.mark.parametrize("address", ["udp://127.0.0.1:7190", "unix-dgram:{dir}/d.sock"])
+def test_datagram_service_with_wait_false_is_a_config_error(tmp_path: Path, handler: str,
+                                                             address: str) -> None:
+    """inetd's `dgram nowait` is not supported: `wait: false` on a datagram address would
+    have netd accept() on a socket that has no connections (a spin). check and run both
+    refuse it at the wait line, saying what to write instead."""
+    write_handler_module(tmp_path)
+    config, text = write(tmp_path / "netd.yaml", f"""
+        services:
+          tftp:
+            listen: {address.format(dir=tmp_path)}
+            {handler}
+            wait: false
+        """)
+    env = env_with_module_path(tmp_path)
+    errors = check_fails(config, tmp_path, env)
+    message = find_error(errors, config, line_of(text, "wait: false"), "services.tftp.wait")
+    assert "wait: true" in message and "drop the key" in message, message
+    assert "dgram nowait" in message, message
+    result = run_netd("run", "-c", str(config), cwd=tmp_path, env=env, timeout_s=30)
+    assert result.returncode == EX_CONFIG, output(result)
+    assert f"{config}:{line_of(text, 'wait: false')}:" in result.stderr, output(result)
+
+
+def test_wait_false_from_defaults_names_the_datagram_service(tmp_path: Path) -> None:
+    """`defaults.wait: false` suits stream services; a datagram service under it is
+    reported at the defaults line, naming that service."""
+    config, text = write(tmp_path / "netd.yaml", """
+        defaults:
+          wait: false
+        services:
+          cat:
+            listen: tcp://127.0.0.1:7191
+            exec: [/bin/cat]
+          tftp:
+            listen: udp://127.0.0.1:7192
+            exec: [/bin/cat]
+        """)
+    errors = check_fails(config, tmp_path)
+    assert len(errors) == 1, errors
+    message = find_error(errors, config, line_of(text, "wait: false"), "defaults.wait")
+    assert "services.tftp" in message and "wait: true" in message, message
+
+
+def test_datagram_service_with_wait_true_or_no_wait_key_is_accepted(tmp_path: Path) -> None:
+    """Without the key a datagram address is served in wait mode, as inetd's dgram wait."""
+    config, _ = write(tmp_path / "netd.yaml", """
+        services:
+          plain:
+            listen: [tcp://127.0.0.1:7193, udp://127.0.0.1:7193]
+            exec: [/bin/cat]
+          explicit:
+            listen: udp://127.0.0.1:7194
+            exec: [/bin/cat]
+            wait: true
+        """)
+    stdout = check_ok(config, tmp_path)
+    assert "udp://127.0.0.1:7193 (wait)" in stdout and "tcp://127.0.0.1:7193 (nowait)" in stdout, \
+        stdout
+
+
+# --- default limits and `unlimited` (issue 10, item 2) -------------------------------
+
+
+def test_default_limits_and_unlimited(tmp_path: Path) -> None:
+    """A service that sets no limits gets the default instances and per_source, and the
+    daemon the default max_children; `unlimited` lifts each (None: unbounded), and a
+    limits section that sets one key keeps the defaults for the others."""
+    from netd.config import load_config
+
+    config, _ = write(tmp_path / "netd.yaml", """
+        daemon:
+          max_children: unlimited
+        services:
+          plain:
+            listen: tcp://127.0.0.1:7195
+            exec: [/bin/cat]
+          open:
+            listen: tcp://127.0.0.1:7196
+            exec: [/bin/cat]
+            limits: {instances: unlimited, per_source: unlimited}
+          some:
+            listen: tcp://127.0.0.1:7197
+            exec: [/bin/cat]
+            limits: {per_source: 4}
+        """)
+    loaded = load_config(str(config))
+    limits = {s.name: s.limits for s in loaded.services}
+    assert (limits["plain"].instances, limits["plain"].per_source) == (512, 256)
+    assert (limits["open"].instances, limits["open"].per_source) == (None, None)
+    assert (limits["some"].instances, limits["some"].per_source) == (512, 4)
+    assert loaded.daemon.max_children is None
+    config.write_text(config.read_text().replace("  max_children: unlimited\n", ""))
+    assert load_config(str(config)).daemon.max_children == 1024
+
+
+@pytest.mark.parametrize("setting, key", [
+    ("daemon:\n  max_children: lots\n", "daemon.max_children"),
+    ("defaults:\n  limits: {instances: 0}\n", "defaults.limits.instances"),
+    ("defaults:\n  limits: {per_source: Unlimited}\n", "defaults.limits.per_source"),
+])
+def test_bad_limit_says_number_or_unlimited(tmp_path: Path, setting: str, key: str) -> None:
+    config, text = write(tmp_path / "netd.yaml", setting + textwrap.dedent("""
+        services:
+          a:
+            listen: tcp://127.0.0.1:7198
+            builtin: echo
+        """))
+    errors = check_fails(config, tmp_path)
+    message = find_error(errors, config, 2, key)
+    assert "unlimited" in message, message

@@ -14,6 +14,7 @@ import signal
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -391,6 +392,288 @@ def test_commands_with_a_dead_daemons_control_socket(tmp_path: Path, sink: Syslo
     result = run_netd("status", "-c", str(config))
     assert result.returncode == EX_NOT_RUNNING, output(result)
     assert "not running" in result.stderr and "Traceback" not in result.stderr, output(result)
+
+
+# -- the commands find the daemon whatever happened around it (issue 10, item 5) ---------
+
+ECHO_AT = """\
+  echo:
+    listen: tcp://127.0.0.1:{port}
+    builtin: echo
+"""
+
+
+def start_detached(tmp_path: Path, sink: SyslogSink, port: int) -> tuple[Path, int]:
+    """`netd start` on a daemon_config (pidfile and control in tmp_path); config, pid."""
+    config = daemon_config(tmp_path, sink, ECHO_AT.format(port=port))
+    result = run_netd("start", "-c", str(config))
+    assert result.returncode == 0, output(result)
+    return config, int((tmp_path / "netd.pid").read_text().strip())
+
+
+def test_reload_with_a_yaml_syntax_error_says_so_before_sending(
+        tmp_path: Path, sink: SyslogSink, detached: None) -> None:
+    """A YAML syntax error in the file is reported as FILE:LINE, exit 78, nothing sent;
+    `status` and `stop` still find the daemon through the file's daemon: section."""
+    port = free_port()
+    config, pid = start_detached(tmp_path, sink, port)
+    config.write_text(config.read_text() + "  broken: a: b\n")
+    line = len(config.read_text().splitlines())
+    reloaded = run_netd("reload", "-c", str(config))
+    assert reloaded.returncode == EX_CONFIG, output(reloaded)
+    assert f"{config}:{line}:" in reloaded.stderr, output(reloaded)
+    assert "not running" not in reloaded.stderr, output(reloaded)
+    assert not sink.find(event="reload")
+
+    status = run_netd("status", "-c", str(config))
+    assert status.returncode == 0 and f"pid {pid}" in status.stdout, output(status)
+    stopped = run_netd("stop", "-c", str(config))
+    assert stopped.returncode == 0, output(stopped)
+    assert not pid_alive(pid)
+
+
+def test_reload_of_a_missing_file_names_it(tmp_path: Path, sink: SyslogSink,
+                                           detached: None) -> None:
+    missing = tmp_path / "gone.yaml"
+    result = run_netd("reload", "-c", str(missing))
+    assert result.returncode == EX_CONFIG, output(result)
+    assert f"{missing}: cannot read" in result.stderr, output(result)
+    assert "not running" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_commands_after_the_control_socket_was_removed(tmp_path: Path, sink: SyslogSink,
+                                                       detached: None) -> None:
+    """A cleaner of /tmp removed the control socket: `status` says netd runs (pid) and why
+    it cannot say more; `reload` sends SIGHUP, and netd re-creates its socket, which
+    brings the result back; `stop` sends SIGTERM and waits for netd to exit."""
+    port = free_port()
+    config, pid = start_detached(tmp_path, sink, port)
+    control = tmp_path / "control.sock"
+    control.unlink()
+
+    status = run_netd("status", "-c", str(config))
+    assert status.returncode == 0, output(status)
+    assert f"running, pid {pid}" in status.stdout, output(status)
+    assert f"no control socket at {control}" in status.stderr, output(status)
+    reply = json.loads(run_netd("status", "-c", str(config), "--json").stdout)
+    assert reply["ok"] is False and reply["daemon"]["pid"] == pid, reply
+
+    reloaded = run_netd("reload", "-c", str(config))
+    assert reloaded.returncode == 0, output(reloaded)
+    assert "SIGHUP" in reloaded.stderr and "netd reloaded" in reloaded.stdout, output(reloaded)
+    assert sink.wait_for(event="control", result="recreated")["path"] == str(control)
+    assert stat.S_IMODE(os.stat(control).st_mode) == 0o600
+    assert status_json(config)["daemon"]["last_reload"]["ok"] is True
+    assert echo_roundtrip(port) == b"hello\n"
+
+    control.unlink()
+    stopped = run_netd("stop", "-c", str(config))
+    assert stopped.returncode == 0, output(stopped)
+    assert "SIGTERM" in stopped.stderr and f"stopped (pid {pid})" in stopped.stdout, \
+        output(stopped)
+    assert not pid_alive(pid)
+    assert not (tmp_path / "netd.pid").exists()
+    sink.wait_for(event="stop", signal="SIGTERM")
+
+
+def test_reload_by_signal_reports_the_daemons_error(tmp_path: Path, sink: SyslogSink,
+                                                    detached: None) -> None:
+    """Without a control socket, a reload the daemon refuses (an address in use) is
+    still reported: the error, exit 78."""
+    port = free_port()
+    config, pid = start_detached(tmp_path, sink, port)
+    (tmp_path / "control.sock").unlink()
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        busy = squatter.getsockname()[1]
+        daemon_config(tmp_path, sink, ECHO_AT.format(port=port) + f"""\
+  busy:
+    listen: tcp://127.0.0.1:{busy}
+    builtin: echo
+""")
+        result = run_netd("reload", "-c", str(config))
+    assert result.returncode == EX_CONFIG, output(result)
+    assert f"127.0.0.1:{busy}" in result.stderr, output(result)
+    assert echo_roundtrip(port) == b"hello\n"
+    assert pid_alive(pid)
+
+
+# -- files others could plant or own (issue 10, item 7) ----------------------------------
+
+EX_NOPERM = 77
+IS_ROOT = os.geteuid() == 0
+NOBODY = pwd.getpwnam("nobody")
+
+
+@pytest.fixture
+def shared_tmp() -> Iterator[Path]:
+    """A fresh directory in /tmp that the test may open to other users."""
+    path = Path(tempfile.mkdtemp(prefix="netd-shared-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def files_config(tmp_path: Path, run_dir: Path, port: int) -> Path:
+    """A config (in tmp_path) that keeps its pidfile and control socket in `run_dir`."""
+    path = tmp_path / "netd.yaml"
+    path.write_text(f"log:\n  to: stderr\ndaemon:\n  pidfile: {run_dir / 'netd.pid'}\n"
+                    f"  control: {run_dir / 'control.sock'}\n"
+                    f"services:\n{ECHO_AT.format(port=port)}")
+    return path
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="planting another user's link needs root")
+@pytest.mark.parametrize("link", ["symlink", "hardlink"])
+def test_link_planted_at_the_pidfile_is_refused(tmp_path: Path, shared_tmp: Path,
+                                                detached: None, link: str) -> None:
+    """In a world-writable sticky directory (like /tmp), another user plants a link at
+    the pidfile's path: netd refuses to start (exit 77) naming the pidfile, and neither
+    the file it points to nor the link is touched."""
+    shared_tmp.chmod(0o1777)
+    precious = shared_tmp / "precious"
+    precious.write_text("precious data\n")
+    pidfile = shared_tmp / "netd.pid"
+    if link == "symlink":
+        pidfile.symlink_to(precious)
+        os.lchown(pidfile, NOBODY.pw_uid, NOBODY.pw_gid)
+    else:
+        os.link(precious, pidfile)
+    config = files_config(tmp_path, shared_tmp, free_port())
+    result = run_netd("start", "-c", str(config))
+    assert result.returncode == EX_NOPERM, output(result)
+    assert str(pidfile) in result.stderr, output(result)
+    assert ("symbolic link" if link == "symlink" else "hard link") in result.stderr
+    assert precious.read_text() == "precious data\n"
+    assert pidfile.is_symlink() if link == "symlink" else pidfile.exists()
+    assert not (shared_tmp / "control.sock").exists()
+    assert pids_mentioning(str(config)) == []
+
+
+def test_stop_never_removes_a_link_put_in_the_pidfiles_place(
+        tmp_path: Path, sink: SyslogSink, detached: None) -> None:
+    """The pidfile was replaced by a link while netd ran: at stop netd leaves the path
+    alone, since it no longer names netd's own file."""
+    config, pid = start_detached(tmp_path, sink, free_port())
+    precious = tmp_path / "precious"
+    precious.write_text("precious data\n")
+    pidfile = tmp_path / "netd.pid"
+    pidfile.unlink()
+    pidfile.symlink_to(precious)
+    stopped = run_netd("stop", "-c", str(config))
+    assert stopped.returncode == 0, output(stopped)
+    assert not pid_alive(pid)
+    assert pidfile.is_symlink() and precious.read_text() == "precious data\n"
+
+
+@pytest.mark.parametrize("planted", ["symlink", "stale socket"])
+def test_control_socket_path_never_follows_a_link(tmp_path: Path, sink: SyslogSink,
+                                                  detached: None, planted: str) -> None:
+    """A symbolic link at the control socket's path is refused (exit 77, naming it, the
+    link left alone); a socket file left by a netd that is gone is replaced."""
+    control = tmp_path / "control.sock"
+    target = tmp_path / "target"
+    if planted == "symlink":
+        target.write_text("not netd's\n")
+        control.symlink_to(target)
+    else:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as leftover:
+            leftover.bind(str(control))
+    config = daemon_config(tmp_path, sink, ECHO_AT.format(port=free_port()))
+    result = run_netd("start", "-c", str(config))
+    if planted == "symlink":
+        assert result.returncode == EX_NOPERM, output(result)
+        assert str(control) in result.stderr and "symbolic link" in result.stderr
+        assert control.is_symlink() and target.read_text() == "not netd's\n"
+        assert not (tmp_path / "netd.pid").exists()
+        return
+    assert result.returncode == 0, output(result)
+    assert status_json(config)["daemon"]["pid"] > 0
+    assert run_netd("stop", "-c", str(config)).returncode == 0
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="a directory of another user needs root")
+def test_run_dir_made_by_another_user_is_refused(tmp_path: Path, shared_tmp: Path,
+                                                 detached: None) -> None:
+    """A directory for netd's files that another user made (mode 0777, owned by nobody):
+    netd refuses to start (exit 77) naming it and its owner, and puts nothing in it."""
+    run_dir = shared_tmp / "run"
+    run_dir.mkdir()
+    run_dir.chmod(0o777)
+    os.chown(run_dir, NOBODY.pw_uid, NOBODY.pw_gid)
+    config = files_config(tmp_path, run_dir, free_port())
+    for command in ("run", "start"):
+        result = run_netd(command, "-c", str(config))
+        assert result.returncode == EX_NOPERM, (command, output(result))
+        assert str(run_dir) in result.stderr and "owned by uid" in result.stderr, output(result)
+    assert list(run_dir.iterdir()) == []
+
+
+# netd as a user who cannot read root's Python: everything it will import is imported
+# first, then the script takes nobody's identity and runs the command line.
+AS_NOBODY = f"""
+import argparse, encodings.idna, locale, os, sys
+import netd.cli, netd.spawn, netd.supervisor
+argparse.ArgumentParser(prog="netd")
+os.setgroups([])
+os.setgid({NOBODY.pw_gid})
+os.setuid({NOBODY.pw_uid})
+sys.exit(netd.cli.main(sys.argv[1:]))
+"""
+
+
+def as_nobody(args: list[str], xdg: Path, cwd: Path) -> subprocess.Popen[str]:
+    """Start `netd ARGS` as nobody with XDG_RUNTIME_DIR=xdg (output on pipes)."""
+    return subprocess.Popen([sys.executable, "-c", AS_NOBODY, *args], cwd=cwd, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=netd_env({"XDG_RUNTIME_DIR": str(xdg)}))
+
+
+@pytest.mark.skipif(not IS_ROOT, reason="running netd as nobody needs root")
+@pytest.mark.parametrize("premade", ["none", "root 0777", "another user"])
+def test_non_root_netd_and_its_default_run_dir(shared_tmp: Path, premade: str) -> None:
+    """netd as nobody with no daemon: section keeps its files in $XDG_RUNTIME_DIR/netd:
+    made by netd itself (nobody's, not writable by others), or refused (exit 77, naming
+    it) when someone else made it first, whether world-writable or another user's."""
+    shared_tmp.chmod(0o755)
+    xdg = shared_tmp / "xdg"
+    xdg.mkdir(mode=0o700)
+    os.chown(xdg, NOBODY.pw_uid, NOBODY.pw_gid)
+    run_dir = xdg / "netd"
+    if premade == "root 0777":
+        run_dir.mkdir()
+        run_dir.chmod(0o777)
+    elif premade == "another user":
+        run_dir.mkdir(mode=0o755)
+        os.chown(run_dir, pwd.getpwnam("daemon").pw_uid, -1)
+    port = free_port()
+    config = shared_tmp / "netd.yaml"
+    config.write_text(f"log:\n  to: stderr\nservices:\n{ECHO_AT.format(port=port)}")
+    proc = as_nobody(["run", "-c", str(config)], xdg, shared_tmp)
+    try:
+        if premade != "none":
+            _, err = proc.communicate(timeout=WAIT_S)
+            assert proc.returncode == EX_NOPERM, err
+            assert str(run_dir) in err, err
+            assert ("may be written by other users" if premade == "root 0777"
+                    else "owned by uid") in err, err
+            assert list(run_dir.iterdir()) == []
+            return
+        wait_until(lambda: (run_dir / "control.sock").exists() or proc.poll() is not None,
+                   "netd (as nobody) to make its control socket")
+        assert proc.poll() is None, proc.communicate(timeout=WAIT_S)
+        info = run_dir.stat()
+        assert (info.st_uid, stat.S_IMODE(info.st_mode) & 0o022) == (NOBODY.pw_uid, 0)
+        pid = int((run_dir / "netd.pid").read_text())
+        assert pid == proc.pid and (run_dir / "netd.pid").stat().st_uid == NOBODY.pw_uid
+        assert echo_roundtrip(port) == b"hello\n"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=WAIT_S) == 0
+        assert sorted(p.name for p in run_dir.iterdir()) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=WAIT_S)
 
 
 # -- graceful stop ----------------------------------------------------------------------

@@ -17,6 +17,11 @@ Scheme = Literal["tcp", "udp", "unix", "unix-dgram"]
 HandlerKind = Literal["builtin", "exec", "python"]
 # A child's PATH when the config gives none; also where a bare program name is looked up.
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
+# Bounds on children when the config sets none (README, "Default limits", says why);
+# `unlimited` lifts each. One client meets per_source first, one busy service instances,
+# all services together max_children.
+DEFAULT_LIMITS = Limits(instances=512, per_source=256)
+DEFAULT_MAX_CHILDREN = 1024
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,7 @@ class Service:
     max_duration_s: float | None = None
     socket_file: SocketFile = SocketFile()
     access: AccessList = AccessList()
-    limits: Limits = Limits()
+    limits: Limits = DEFAULT_LIMITS
     proxy: ProxyProtocol | None = None
 
     def mode(self, address: Address) -> Literal["nowait", "wait", "inline", "workers"]:
@@ -174,7 +179,7 @@ class DaemonConfig:
     pidfile: str
     control: str
     stop_timeout_s: float = 10.0
-    max_children: int | None = None
+    max_children: int | None = DEFAULT_MAX_CHILDREN
 
     @classmethod
     def default(cls) -> DaemonConfig:

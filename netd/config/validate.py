@@ -24,6 +24,8 @@ from netd.config.identity import (
     resolve_user,
 )
 from netd.config.model import (
+    DEFAULT_LIMITS,
+    DEFAULT_MAX_CHILDREN,
     DEFAULT_PATH,
     Address,
     Config,
@@ -92,18 +94,19 @@ def load_config(path: str) -> Config:
     return Config(path=path, log=log, daemon=daemon, services=tuple(services))
 
 def load_daemon_config(path: str) -> DaemonConfig:
-    """Only the `daemon:` section (where the running netd's control socket is), so that
-    `netd stop`, `status` and `reload` work while the rest of the file is broken."""
+    """Only the `daemon:` section (where the running netd's pidfile and control socket
+    are), so that `netd stop` and `status` find it while the rest of the file is broken,
+    even when that is not YAML; the default paths when the section cannot be read."""
     path = os.path.abspath(path)
-    root = _load_mapping(path, _Errors([]))
+    root = _load_mapping(path, _Errors([])) or _load_mapping(path, _Errors([]), only="daemon")
     if root is None:
         return DaemonConfig.default()
     return _daemon_config(root, path, _Errors([]))
 
 
-def _load_mapping(path: str, errors: _Errors) -> Mapping | None:
+def _load_mapping(path: str, errors: _Errors, only: str | None = None) -> Mapping | None:
     try:
-        value = load_file(path)
+        value = load_file(path, only)
     except YamlError as e:
         errors.add(e.where, "", e.message)
         return None
@@ -191,7 +194,7 @@ def _daemon_config(root: Mapping, path: str, errors: _Errors) -> DaemonConfig:
         value = _get(section, key, str, f"daemon.{key}", errors, "a file path")
         files[key] = os.path.join(base, value) if value else getattr(default, key)
     stop_timeout_s = _duration_setting("stop_timeout", section, section, "daemon.", errors)
-    max_children = _count(section, "max_children", 1, 1_000_000, "daemon.", errors)
+    max_children = _bound(section, "max_children", DEFAULT_MAX_CHILDREN, "daemon.", errors)
     return DaemonConfig(pidfile=files["pidfile"], control=files["control"],
                         stop_timeout_s=default.stop_timeout_s if stop_timeout_s is None
                         else stop_timeout_s, max_children=max_children)
@@ -276,6 +279,8 @@ def _service(name: str, body: Mapping, where: Where, defaults: Mapping,
     if wait and handlers == ["builtin"] and "wait" in body:
         errors.add(body.key_where["wait"], prefix + "wait",
                    "builtins serve streams nowait and datagrams in the supervisor; remove it")
+    if wait is False and handlers != ["builtin"]:
+        _no_dgram_nowait(name, listen or [], source, "wait" in body, prefix, errors)
     stderr_mode = None
     if "stderr" in body or "stderr" in defaults:
         source = body if "stderr" in body else defaults
@@ -319,6 +324,25 @@ def _service(name: str, body: Mapping, where: Where, defaults: Mapping,
         threads=threads or 16, max_duration_s=max_duration_s or None,
         socket_file=socket_file, access=access, limits=limits, proxy=proxy,
     )
+
+def _no_dgram_nowait(name: str, listen: list[Address], source: Mapping, in_body: bool,
+                     prefix: str, errors: _Errors) -> None:
+    """`wait: false` on a datagram address is an error: a datagram socket has no
+    connection to accept and hand to a child, so netd would spin on it."""
+    datagram = next((a for a in listen if not a.is_stream), None)
+    if datagram is None:
+        return
+    why = ("inetd's dgram nowait is not supported (a datagram socket has no connections "
+           "to hand each to a child; in wait mode one child gets the socket itself)")
+    if in_body:
+        errors.add(source.key_where["wait"], prefix + "wait",
+                   f"false cannot serve {datagram}: {why}; write `wait: true` or drop the "
+                   "key (datagram addresses default to wait mode)")
+    else:
+        errors.add(source.key_where["wait"], "defaults.wait",
+                   f"false cannot serve services.{name}, which listens on {datagram}: {why}; "
+                   f"write `wait: true` in services.{name}")
+
 
 def _setting_source(key: str, body: Mapping, defaults: Mapping,
                     prefix: str) -> tuple[Mapping, str, str]:
@@ -370,7 +394,7 @@ def _access(source: Mapping, key: str, label: str, errors: _Errors) -> AccessLis
 def _limits(source: Mapping, key: str, label: str, errors: _Errors) -> Limits:
     section = _subsection(source, key, label, LIMIT_KEYS, errors)
     if section is None:
-        return Limits()
+        return DEFAULT_LIMITS
     rate = None
     if "rate" in section:
         try:
@@ -378,8 +402,10 @@ def _limits(source: Mapping, key: str, label: str, errors: _Errors) -> Limits:
         except ValueError as e:
             errors.add(section.key_where["rate"], f"{label}.rate", str(e))
     pause_s = _duration_setting("rate_pause", section, section, label + ".", errors)
-    return Limits(instances=_count(section, "instances", 1, 1_000_000, label + ".", errors),
-                  per_source=_count(section, "per_source", 1, 1_000_000, label + ".", errors),
+    return Limits(instances=_bound(section, "instances", DEFAULT_LIMITS.instances, label + ".",
+                                   errors),
+                  per_source=_bound(section, "per_source", DEFAULT_LIMITS.per_source,
+                                    label + ".", errors),
                   rate=rate, rate_pause_s=10.0 if pause_s is None else pause_s)
 
 
@@ -431,6 +457,20 @@ def _socket_file(body: Mapping, prefix: str, errors: _Errors) -> SocketFile:
             except ValueError as e:
                 errors.add(section.key_where[key], f"{prefix}socket.{key}", str(e))
     return SocketFile(uid=parsed.get("user"), gid=parsed.get("group"), mode=parsed.get("mode"))
+
+
+def _bound(body: Mapping, key: str, default: int | None, prefix: str,
+           errors: _Errors) -> int | None:
+    """A bound on children: a number, `unlimited` (None), or `default` when not given."""
+    if key not in body:
+        return default
+    if body[key] == "unlimited":
+        return None
+    value: int | None = _get(body, key, int, prefix + key, errors, "a number or unlimited")
+    if value is not None and not 1 <= value <= 1_000_000:
+        errors.add(body.key_where[key], prefix + key, "must be 1-1000000, or unlimited")
+        return None
+    return value
 
 
 def _count(body: Mapping, key: str, low: int, high: int, prefix: str,

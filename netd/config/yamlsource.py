@@ -52,16 +52,22 @@ class Sequence(list[Any]):
     item_where: list[Where]
 
 
-def load_file(path: str) -> Any:
-    """Read and parse one YAML file into located values; raises YamlError or OSError."""
+def load_file(path: str, only: str | None = None) -> Any:
+    """Read and parse one YAML file into located values; raises YamlError or OSError.
+
+    With `only`, just the top-level `only:` block is parsed, so that a mistake elsewhere
+    in the file does not hide it.
+    """
     with open(path, "rb") as f:
         _check_trusted(path, os.fstat(f.fileno()))
         raw = f.read()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8", errors="strict" if only is None else "replace")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
         raise YamlError(Where(path, line), f"not UTF-8 text (byte 0x{raw[e.start]:02x})") from None
+    if only is not None:
+        text = _only_block(text, only)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as e:
@@ -78,6 +84,19 @@ def load_file(path: str) -> Any:
         return _Converter(path).convert(node)
     except RecursionError:
         raise YamlError(Where(path, 1), "nested too deeply") from None
+
+
+def _only_block(text: str, key: str) -> str:
+    """`text` with every line outside the top-level `key:` block blanked (so that line
+    numbers stay true)."""
+    lines = text.split("\n")
+    inside = False
+    for i, line in enumerate(lines):
+        if line[:1] not in ("", " ", "\t", "#"):
+            inside = line.startswith(key + ":")
+        if not inside:
+            lines[i] = ""
+    return "\n".join(lines)
 
 
 def _check_trusted(path: str, info: os.stat_result) -> None:

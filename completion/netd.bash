@@ -1,5 +1,6 @@
-# bash completion for netd(8): its commands, their options, config files for -c, and
-# for `netd status` the names of the services in the config (from `netd check --names`).
+# bash completion for netd(8): its commands, their options, config files for -c, any
+# file for `netd import`, and for `netd status` the names of the services in the config
+# (from `netd check --names`).
 # Installed as /usr/share/bash-completion/completions/netd by the Debian package and as
 # /usr/local/share/bash-completion/completions/netd by scripts/install.sh.
 
@@ -34,7 +35,7 @@ _netd()
             if [[ $cur == -* ]]; then
                 COMPREPLY=($(compgen -W '--help --version' -- "$cur"))
             else
-                COMPREPLY=($(compgen -W 'run start stop reload status check' -- "$cur"))
+                COMPREPLY=($(compgen -W 'run start stop reload status check import' -- "$cur"))
             fi
             return
             ;;
@@ -49,6 +50,15 @@ _netd()
                 COMPREPLY=($(compgen -W "$names" -- "$cur"))
                 return
             fi
+            ;;
+        import)
+            # xinetd service files, xinetd.conf or inetd.conf: any file.
+            if [[ $cur == -* ]]; then
+                COMPREPLY=($(compgen -W '--help' -- "$cur"))
+            else
+                _filedir
+            fi
+            return
             ;;
         *) return ;;
     esac

@@ -45,7 +45,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_usage(sys.stderr)
         return os.EX_USAGE
-    args.config = args.config or os.environ.get("NETD_CONFIG") or DEFAULT_CONFIG
+    if args.command != "import":
+        args.config = args.config or os.environ.get("NETD_CONFIG") or DEFAULT_CONFIG
     try:
         result: int = args.func(args)
     except PermissionError as e:
@@ -65,11 +66,16 @@ def _parser() -> argparse.ArgumentParser:
         ("reload", cmd_reload, "re-read the config; on any error keep the running one"),
         ("status", cmd_status, "show the daemon and every service with its counters"),
         ("check", cmd_check, "validate the config and print the resolved services"),
+        ("import", cmd_import, "print xinetd files or inetd.conf as netd YAML"),
     ):
         sub = commands.add_parser(name, help=text, description=text)
+        sub.set_defaults(func=func)
+        if name == "import":
+            sub.add_argument("files", nargs="+", metavar="FILE",
+                             help="xinetd service files, xinetd.conf or inetd.conf")
+            continue
         sub.add_argument("-c", "--config", metavar="FILE",
                          help=f"config file (default: $NETD_CONFIG or {DEFAULT_CONFIG})")
-        sub.set_defaults(func=func)
         if name == "stop":
             sub.add_argument("--timeout", type=float, metavar="S",
                              help="seconds to wait for the daemon to exit "
@@ -102,14 +108,37 @@ def cmd_check(args: argparse.Namespace) -> int:
     if config is None:
         return os.EX_CONFIG
     if args.names:
-        for service in config.services:
-            print(service.name)
+        # Disabled services too: `netd status` lists them.
+        for name in [s.name for s in config.services] + [d.name for d in config.disabled]:
+            print(name)
         return os.EX_OK
-    print(f"{config.path}: OK, {len(config.services)} service(s)")
-    width = max((len(s.name) for s in config.services), default=0)
+    disabled = f", {len(config.disabled)} disabled" if config.disabled else ""
+    print(f"{config.path}: OK, {len(config.services)} service(s){disabled}")
+    names = [s.name for s in config.services] + [d.name for d in config.disabled]
+    width = max((len(name) for name in names), default=0)
     for service in config.services:
         addresses = ", ".join(f"{a} ({service.mode(a)})" for a in service.listen)
         print(f"  {service.name:<{width}}  {addresses}  {service.handler}")
+    for off in config.disabled:
+        print(f"  {off.name:<{width}}  disabled ({off.origin})  {off.handler}")
+    for warning in config.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    return os.EX_OK
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """Print the services of xinetd files (or inetd.conf) as netd YAML; every attribute
+    that cannot be carried over is a warning on stderr naming its FILE:LINE."""
+    from netd.importer import ImportFailure, import_files
+
+    try:
+        yaml_text, warnings = import_files(args.files)
+    except ImportFailure as e:
+        print(f"netd: {e}", file=sys.stderr)
+        return os.EX_CONFIG
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    sys.stdout.write(yaml_text)
     return os.EX_OK
 
 
@@ -168,6 +197,8 @@ def serve(config: Config, passed: dict[int, str], report: Report) -> int:
         _no_inherited_fds()
         log = open_log(config.log.to, config.log.syslog_address, config.log.facility,
                        config.log.level)
+        for warning in config.warnings:
+            log.event("config", "warning", msg=warning)
         if stale is not None and stale != os.getpid():
             log.event("pidfile", "warning", path=config.daemon.pidfile, stale_pid=stale,
                       msg="took over the pidfile of a netd that is gone")
@@ -344,6 +375,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         result = "ok" if last["ok"] else f"error: {last['error']}"
         print(f"last reload: {when} {result}")
     for service in reply["services"]:
+        if service["state"] == "disabled":
+            print(f"{service['name']}: disabled ({service['origin']}), {service['handler']}")
+            continue
         print(f"{service['name']}: {service['state']}, {service['handler']}, "
               f"{service['children']} children, {service['accepted']} accepted, "
               f"{service['refused']} refused")

@@ -11,7 +11,7 @@ import os
 import socket
 import stat
 
-from netd.config.model import Address
+from netd.config.model import Address, Service
 
 
 class BindError(OSError):
@@ -41,6 +41,17 @@ def bind(address: Address, backlog: int, blocking: bool) -> socket.socket:
             raise
         raise BindError(e.errno, f"cannot listen on {address}: {e.strerror}") from None
     return sock
+
+
+def tune(conn: socket.socket, service: Service) -> None:
+    """Set the TCP options a service asks for (xinetd's NODELAY and KEEPALIVE flags) on a
+    connection, or on a wait-mode listener, whose connections inherit them."""
+    if conn.family == socket.AF_UNIX or conn.type != socket.SOCK_STREAM:
+        return
+    if service.nodelay:
+        conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if service.keepalive:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
 
 
 def _clear_stale_unix(address: Address) -> None:

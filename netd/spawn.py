@@ -87,20 +87,32 @@ class Peer:
         return env
 
 
-def exec_env(base_env: dict[str, str], service_name: str, peer: Peer) -> dict[str, str]:
-    """A child's whole environment: the config's, the peer's UCSPI variables, NETD_SERVICE."""
-    return {"PATH": DEFAULT_PATH, **base_env, **peer.ucspi_env(), "NETD_SERVICE": service_name}
+def exec_env(service: Service, peer: Peer) -> dict[str, str]:
+    """A child's whole environment: PATH, the `passenv` names from netd's own environment,
+    the config's `env`, the peer's UCSPI variables, REMOTE_HOST, NETD_SERVICE."""
+    env = {"PATH": DEFAULT_PATH}
+    for name in service.passenv:
+        if name in os.environ:
+            env[name] = os.environ[name]
+    env.update(service.env)
+    env.update(peer.ucspi_env())
+    if peer.remote is not None:
+        env["REMOTE_HOST"] = peer.remote[0]  # as xinetd sets it: the address, no lookup
+    env["NETD_SERVICE"] = service.name
+    return env
 
 
-def spawn_exec(argv: tuple[str, ...], env: dict[str, str], conn_fd: int, stderr_fd: int) -> int:
-    """Start argv with conn_fd as stdin and stdout; returns the child's pid.
+def spawn_exec(program: str, argv: tuple[str, ...], env: dict[str, str], conn_fd: int,
+               stderr_fd: int) -> int:
+    """Start `program` with `argv` (argv[0] may name another program, as tcpd wants) and
+    conn_fd as stdin and stdout; returns the child's pid.
 
     Every other fd of the supervisor is close-on-exec (Python's default), so the
     program holds exactly 0, 1 and 2. It gets default signal dispositions, an empty
     signal mask and its own session, so a Ctrl-C at netd's terminal reaches netd only.
     """
     return os.posix_spawn(
-        argv[0], argv, env,
+        program, argv, env,
         file_actions=[
             (os.POSIX_SPAWN_DUP2, conn_fd, 0),
             (os.POSIX_SPAWN_DUP2, conn_fd, 1),
@@ -183,7 +195,8 @@ def become(identity: Identity) -> None:
                                   f"{identity.user}")
         return
     assert identity.gid is not None
-    os.setgroups(list(identity.groups or (identity.gid,)))
+    # An empty list means no supplementary groups at all (xinetd's `groups = no`).
+    os.setgroups(list(identity.groups if identity.groups is not None else (identity.gid,)))
     os.setresgid(identity.gid, identity.gid, identity.gid)
     os.setresuid(identity.uid, identity.uid, identity.uid)
 
@@ -210,10 +223,12 @@ class Spawner:
         self.sock.setblocking(False)
         self.held: deque[tuple[bytes, array.array[int]]] = deque()
 
-    def request(self, token: int, argv: tuple[str, ...], env: dict[str, str], conn_fd: int,
-                stderr_fd: int) -> None:
-        """Ask for argv to be started on conn_fd; the answer comes through events()."""
-        message = json.dumps({"token": token, "argv": argv, "env": env}).encode()
+    def request(self, token: int, program: str, argv: tuple[str, ...], env: dict[str, str],
+                conn_fd: int, stderr_fd: int) -> None:
+        """Ask for program to be started with argv on conn_fd; the answer comes through
+        events()."""
+        message = json.dumps({"token": token, "program": program, "argv": argv,
+                              "env": env}).encode()
         fds = array.array("i", [conn_fd, stderr_fd])
         if not self.held:
             try:
@@ -304,7 +319,8 @@ def _spawn_requested(sock: socket.socket) -> bool:
             fds.frombytes(payload[: len(payload) - len(payload) % fds.itemsize])
     request = json.loads(data)
     try:
-        pid = spawn_exec(tuple(request["argv"]), request["env"], fds[0], fds[1])
+        pid = spawn_exec(request["program"], tuple(request["argv"]), request["env"], fds[0],
+                         fds[1])
         reply: dict[str, Any] = {"token": request["token"], "pid": pid}
     except OSError as e:
         reply = {"token": request["token"], "error": str(e)}

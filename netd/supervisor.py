@@ -38,7 +38,7 @@ from netd.policy import RateWindow, Refuse, UnixPeer, check_rate, decide, source
 from netd.proxy import ProxyError
 from netd.proxywait import ProxyWait
 from netd.runtime import Child, Listener, Pending, ServiceState
-from netd.sockets import bind, describe, remove_unix, set_file_owner
+from netd.sockets import bind, describe, remove_unix, set_file_owner, tune
 from netd.spawn import (
     Peer,
     Spawner,
@@ -260,6 +260,8 @@ class Supervisor:
         self.control = ensure_control_socket(self.control, self.selector, self.log)
         self.last_reload = {"time": time.time(), **result}
         if result["ok"]:
+            for warning in self.config.warnings:
+                self.log.event("config", "warning", msg=warning)
             self.log.event("reload", result="ok", services=len(self.config.services),
                            added=",".join(changes["added"]) or None,
                            changed=",".join(changes["changed"]) or None,
@@ -538,16 +540,17 @@ class Supervisor:
         state = self.services[service.name]
         identity = service.identity
         try:
+            tune(conn, service)
             if service.kind == "exec":
                 # Even as netd's own user: the spawner's posix_spawn then runs beside the
                 # supervisor's loop, on the other core (measured: ~25% more connections/s
                 # than spawning from the loop itself).
-                env = exec_env(dict(service.env), service.name, peer)
+                env = exec_env(service, peer)
                 stderr_fd = state.stderr_w if service.stderr == "log" else None
                 spawner = self._spawner(identity)
                 self.next_token += 1
-                spawner.request(self.next_token, service.argv, env, conn.fileno(),
-                                stderr_fd or self.devnull)
+                spawner.request(self.next_token, service.program or service.argv[0],
+                                service.argv, env, conn.fileno(), stderr_fd or self.devnull)
                 self.pending[self.next_token] = Pending(
                     service.name, listener, peer, spawner, time.monotonic(), counted, source)
                 if spawner.held:
@@ -674,14 +677,15 @@ class Supervisor:
                     waits: bool) -> None:
         family = listener.address.family
         local = describe(peer.local, family) if peer.local else listener.local
+        level = "info" if service.log_accept else "debug"
         if waits:
-            self.log.event("accept", service=service.name, proto=listener.address.proto,
+            self.log.event("accept", level, service=service.name, proto=listener.address.proto,
                            local=local, pid=pid, mode="wait")
         elif peer.remote is not None:
-            self.log.event("accept", service=service.name, proto=listener.address.proto,
+            self.log.event("accept", level, service=service.name, proto=listener.address.proto,
                            peer=describe(peer.remote, family), local=local, pid=pid)
         else:
-            self.log.event("accept", service=service.name, proto=listener.address.proto,
+            self.log.event("accept", level, service=service.name, proto=listener.address.proto,
                            local=local, peer_pid=peer.pid, peer_uid=peer.uid,
                            peer_gid=peer.gid, pid=pid)
 
@@ -745,15 +749,16 @@ class Supervisor:
             self.expiries = [e for e in self.expiries if self.children.get(e[2].pid) is e[2]]
             heapq.heapify(self.expiries)
         duration = f"{time.monotonic() - child.started_s:.3f}s"
+        state = self.services.get(child.service)
         if os.WIFSIGNALED(status):
             self.log.event("exit", "warning", service=child.service, pid=pid,
                            signal=signal.Signals(os.WTERMSIG(status)).name, duration=duration)
         else:
-            self.log.event("exit", service=child.service, pid=pid,
+            self.log.event("exit", "info" if state is None or state.service.log_exit else "debug",
+                           service=child.service, pid=pid,
                            status=os.waitstatus_to_exitcode(status), duration=duration)
         if child.listener is not None:
             self._rearm(child.listener)
-        state = self.services.get(child.service)
         if state is not None and child.counted:
             state.counters.ended(child.source)
         if state is not None and child.worker_of == state.generation:
@@ -948,7 +953,9 @@ class Supervisor:
                  "children": len(state.children), "accepted": state.accepted,
                  "refused": state.refused}
                 for name, state in self.services.items()
-            ],
+            ] + [{"name": off.name, "state": "disabled", "handler": off.handler,
+                  "origin": off.origin, "listen": [], "children": 0, "accepted": 0,
+                  "refused": 0} for off in self.config.disabled],
         }
 
     def _status_line(self) -> str:

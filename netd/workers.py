@@ -101,7 +101,7 @@ def _server(service: Service, log: Log,
             log.event("refuse", "notice", service=service.name,
                       peer=describe(peer, conn.family), reason="access", pid=os.getpid())
             return
-        log.event("accept", service=service.name,
+        log.event("accept", "info" if service.log_accept else "debug", service=service.name,
                   proto="unix" if conn.family == socket.AF_UNIX else "tcp",
                   peer=describe(peer, conn.family),
                   local=describe(conn.getsockname(), conn.family), pid=os.getpid(),

@@ -10,9 +10,11 @@ want_tests=no
 
 packages=(libsystemd-dev pkg-config gcc python3-dev python3-venv)
 # The real programs the tests drive: inetd-style servers and their clients, HAProxy
-# for the PROXY protocol, systemd's socket-activate and analyze tools, man and
-# bash-completion for the man page and completion tests.
-[ "$want_tests" = yes ] && packages+=(rsync tftpd-hpa tftp-hpa git socat haproxy systemd busybox-static man-db bash-completion)
+# for the PROXY protocol, systemd's socket-activate and analyze tools, tcpd and
+# in.fingerd (the inetd.conf world), man and bash-completion for the man page and
+# completion tests.
+[ "$want_tests" = yes ] && packages+=(rsync tftpd-hpa tftp-hpa git socat haproxy systemd busybox-static
+                                     tcpd fingerd finger libtirpc3 man-db bash-completion)
 
 missing=()
 for p in "${packages[@]}"; do
@@ -32,6 +34,20 @@ if [ ${#missing[@]} -gt 0 ]; then
     fi
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${missing[@]}" >&2
     if [ "$made_policy" = yes ]; then $sudo rm -f /usr/sbin/policy-rc.d; fi
+fi
+
+# Programs the tests run that cannot be installed as packages here: xinetd conflicts
+# with openbsd-inetd, and talkd depends on one of them (whose package would start a
+# super-server). Their .debs are unpacked into .cache/debs/NAME instead: no package
+# script runs, nothing is started; their libraries are ordinary packages.
+if [ "$want_tests" = yes ]; then
+    for deb in xinetd talkd; do
+        [ -d ".cache/debs/$deb/usr/sbin" ] && continue
+        mkdir -p .cache/debs
+        ( cd .cache/debs && apt-get download -q "$deb" >&2 2>/dev/null ) ||
+            { apt-get update -q >&2 && ( cd .cache/debs && apt-get download -q "$deb" >&2 ); }
+        dpkg-deb -x .cache/debs/"$deb"_*.deb ".cache/debs/$deb"
+    done
 fi
 
 # netd refuses config files others than their owner may write: a umask of 002 (the

@@ -172,11 +172,13 @@ class SyslogSink(DatagramSink):
 class Netd:
     """A real `netd run` process on a config written by the test."""
 
-    def __init__(self, config: Path, sink: SyslogSink | None, env: dict[str, str]) -> None:
+    def __init__(self, config: Path, sink: SyslogSink | None, env: dict[str, str],
+                 wrapper: tuple[str, ...] = ()) -> None:
         self.config = config
         self.sink = sink
+        # `wrapper` runs before netd and execs it (unshare, to give netd private files).
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "netd", "run", "-c", str(config)],
+            [*wrapper, sys.executable, "-m", "netd", "run", "-c", str(config)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=config.parent,
         )
 
@@ -241,12 +243,14 @@ def write_config(tmp_path: Path, body: str, sink: SyslogSink | None,
 
 @pytest.fixture
 def start_netd(tmp_path: Path, sink: SyslogSink) -> Iterator[Callable[..., Netd]]:
-    """start_netd(config_body, env=None, ready=True) -> a running Netd, stopped in teardown."""
+    """start_netd(config_body, env=None, ready=True, wrapper=()) -> a running Netd, stopped
+    in teardown."""
     started: list[Netd] = []
 
-    def start(body: str, env: dict[str, str] | None = None, ready: bool = True) -> Netd:
+    def start(body: str, env: dict[str, str] | None = None, ready: bool = True,
+              wrapper: tuple[str, ...] = ()) -> Netd:
         config = write_config(tmp_path, body, sink)
-        n = Netd(config, sink, netd_env(env))
+        n = Netd(config, sink, netd_env(env), wrapper)
         started.append(n)
         if ready:
             try:

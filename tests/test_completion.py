@@ -77,15 +77,24 @@ def test_config_files_after_c(tmp_path: Path) -> None:
     assert complete("netd check --config n", cwd=tmp_path) == ["netd.yaml"]
 
 
+def test_import_completes_any_file(tmp_path: Path) -> None:
+    for name in ("finger", "inetd.conf"):
+        (tmp_path / name).write_text("")
+    assert complete("netd import ", cwd=tmp_path) == ["finger", "inetd.conf"]
+    assert complete("netd import finger i", cwd=tmp_path) == ["inetd.conf"]
+
+
 def test_status_completes_the_configs_service_names(tmp_path: Path) -> None:
     config = tmp_path / "netd.yaml"
     config.write_text("services:\n"
                       "  echo: {listen: 'tcp://127.0.0.1:7', builtin: echo}\n"
                       "  daytime: {listen: 'tcp://127.0.0.1:13', builtin: daytime}\n"
-                      "  discard: {listen: 'tcp://127.0.0.1:9', builtin: discard}\n")
-    assert complete(f"netd status -c {config} ") == ["daytime", "discard", "echo"]
+                      "  discard: {listen: 'tcp://127.0.0.1:9', builtin: discard}\n"
+                      "  unused: {listen: 'tcp://127.0.0.1:19', builtin: chargen, disable: true}\n")
+    # A disabled service too: `netd status` lists it.
+    assert complete(f"netd status -c {config} ") == ["daytime", "discard", "echo", "unused"]
     assert complete(f"netd status -c {config} d") == ["daytime", "discard"]
-    assert complete(f"netd status -c {config} echo ") == ["daytime", "discard", "echo"]
+    assert complete(f"netd status -c {config} echo ") == ["daytime", "discard", "echo", "unused"]
     assert complete(f"netd status -c {config} --j") == ["--json"]
     # A config with an error offers nothing rather than the error text.
     config.write_text("services:\n  echo: {listen: 'tpc://x', builtin: echo}\n")

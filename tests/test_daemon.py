@@ -249,9 +249,13 @@ def test_status_of_named_services_and_check_names(tmp_path: Path, sink: SyslogSi
   daytime:
     listen: tcp://127.0.0.1:{ports[1]}
     builtin: daytime
+  unused:
+    listen: tcp://127.0.0.1:{ports[1]}
+    builtin: chargen
+    disable: true
 """)
     names = run_netd("check", "--names", "-c", str(config))
-    assert (names.returncode, names.stdout) == (0, "echo\ndaytime\n"), output(names)
+    assert (names.returncode, names.stdout) == (0, "echo\ndaytime\nunused\n"), output(names)
     result = run_netd("start", "-c", str(config))
     assert result.returncode == 0, output(result)
 

@@ -27,7 +27,7 @@ PY = "/usr/bin/python3"
 needs_py = pytest.mark.skipif(not os.access(PY, os.X_OK), reason=f"no {PY}")
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 TCP_KEYS = {"PROTO", "TCPREMOTEIP", "TCPREMOTEPORT", "TCPLOCALIP", "TCPLOCALPORT",
-            "NETD_SERVICE", "PATH"}
+            "REMOTE_HOST", "NETD_SERVICE", "PATH"}
 # ucspi-unix's names: the peer's effective uid and gid (SO_PEERCRED).
 UNIX_KEYS = {"PROTO", "UNIXREMOTEPID", "UNIXREMOTEEUID", "UNIXREMOTEEGID", "UNIXLOCALPATH",
              "NETD_SERVICE", "PATH"}
@@ -137,6 +137,7 @@ def test_exec_environment_is_exactly_the_pinned_one(tmp_path: Path,
     assert env["TCPREMOTEPORT"] == str(client_port)
     assert env["TCPLOCALIP"] == "127.0.0.1"
     assert env["TCPLOCALPORT"] == str(port)
+    assert env["REMOTE_HOST"] == "127.0.0.1"  # as xinetd sets it
     assert env["NETD_SERVICE"] == "envdump"
     assert env["PATH"] == DEFAULT_PATH
     assert env["SHARED"] == "from-defaults"

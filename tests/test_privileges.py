@@ -51,7 +51,7 @@ LIMIT_NAMES = {"Max open files": "nofile", "Max processes": "nproc",
                "Max address space": "as", "Max cpu time": "cpu",
                "Max core file size": "core", "Max file size": "fsize"}
 TCP_ENV = {"PATH", "PROTO", "TCPREMOTEIP", "TCPREMOTEPORT", "TCPLOCALIP", "TCPLOCALPORT",
-           "NETD_SERVICE"}
+           "REMOTE_HOST", "NETD_SERVICE"}
 
 
 def report(port: int) -> dict[str, object]:
@@ -398,7 +398,8 @@ def test_exec_environment_is_exactly_pinned(path: str, start_netd: Callable[...,
     assert env == {
         "PATH": "/usr/local/bin:/usr/bin:/bin", "PROTO": "TCP",
         "TCPREMOTEIP": "127.0.0.1", "TCPREMOTEPORT": str(client_port),
-        "TCPLOCALIP": "127.0.0.1", "TCPLOCALPORT": str(port), "NETD_SERVICE": "env",
+        "TCPLOCALIP": "127.0.0.1", "TCPLOCALPORT": str(port), "REMOTE_HOST": "127.0.0.1",
+        "NETD_SERVICE": "env",
         "FROM_DEFAULTS": "d", "BOTH": "s", "LANG": "C.UTF-8"}, env
     assert set(env) - {"FROM_DEFAULTS", "BOTH", "LANG"} == TCP_ENV
 

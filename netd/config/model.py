@@ -7,6 +7,7 @@ once by netd.config.validate and compared field by field on reload.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 from typing import Literal
@@ -15,6 +16,7 @@ from netd.policy import AccessList, Limits
 
 Scheme = Literal["tcp", "udp", "unix", "unix-dgram"]
 HandlerKind = Literal["builtin", "exec", "python"]
+SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # A child's PATH when the config gives none; also where a bare program name is looked up.
 DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 # Bounds on children when the config sets none (README, "Default limits", says why);
@@ -123,6 +125,18 @@ class Service:
     access: AccessList = AccessList()
     limits: Limits = DEFAULT_LIMITS
     proxy: ProxyProtocol | None = None
+    # The file an exec service runs, when it is not argv[0] (inetd's program field,
+    # xinetd's NAMEINARGS): /usr/sbin/tcpd run with argv[0] /usr/sbin/in.fingerd.
+    program: str | None = None
+    passenv: tuple[str, ...] = ()
+    # Whether the accept and exit lines are logged at info (else at debug): pollers.
+    log_accept: bool = True
+    log_exit: bool = True
+    nodelay: bool = False
+    keepalive: bool = False
+    # Where the service was defined (FILE:LINE), for messages; not part of its identity,
+    # so a line that moves in its file does not make a reload restart it.
+    origin: str = field(default="", compare=False)
 
     def mode(self, address: Address) -> Literal["nowait", "wait", "inline", "workers"]:
         """How connections on `address` are served.
@@ -149,8 +163,18 @@ class Service:
         if self.kind == "builtin":
             return f"builtin {self.builtin}"
         if self.kind == "exec":
-            return "exec " + " ".join(self.argv)
+            via = f" (via {self.program})" if self.program else ""
+            return "exec " + " ".join(self.argv) + via
         return f"python {self.python}"
+
+
+@dataclass(frozen=True)
+class Disabled:
+    """A service the config names but does not serve (`disable: true`, `#<off>#`)."""
+
+    name: str
+    origin: str
+    handler: str = ""
 
 
 @dataclass(frozen=True)
@@ -195,3 +219,7 @@ class Config:
     log: LogConfig = LogConfig()
     daemon: DaemonConfig = field(default_factory=DaemonConfig.default)
     services: tuple[Service, ...] = field(default_factory=tuple)
+    disabled: tuple[Disabled, ...] = field(default_factory=tuple)
+    # FILE:LINE: messages about what is not served and why (inetd.conf lines netd
+    # cannot serve, problems of disabled services): said, but not fatal.
+    warnings: tuple[str, ...] = field(default_factory=tuple)

@@ -11,7 +11,7 @@ import importlib
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from netd.config.addresses import AddressError, parse_address
@@ -23,25 +23,28 @@ from netd.config.identity import (
     resolve_group,
     resolve_user,
 )
+from netd.config.inetd import InetdLine, read_file, read_inetd, service_bodies
 from netd.config.model import (
     DEFAULT_LIMITS,
     DEFAULT_MAX_CHILDREN,
     DEFAULT_PATH,
+    SERVICE_NAME,
     Address,
     Config,
     DaemonConfig,
+    Disabled,
     Identity,
     LogConfig,
     ProxyProtocol,
     Service,
     SocketFile,
 )
-from netd.config.yamlsource import Mapping, Sequence, Where, YamlError, load_file
+from netd.config.yamlsource import Mapping, Sequence, Where, YamlError, load_file, located
 from netd.handlers.builtins import BUILTINS
 from netd.logs import FACILITIES, SEVERITIES
 from netd.policy import AccessError, AccessList, Limits, parse_rate
 
-TOP_KEYS = ("log", "daemon", "include", "defaults", "services")
+TOP_KEYS = ("log", "daemon", "include", "inetd", "defaults", "services")
 DAEMON_KEYS = ("pidfile", "control", "stop_timeout", "max_children")
 ACCESS_KEYS = ("allow", "deny")
 LIMIT_KEYS = ("instances", "per_source", "rate", "rate_pause")
@@ -49,12 +52,12 @@ PROXY_KEYS = ("from", "timeout")
 LOG_KEYS = ("to", "syslog_address", "facility", "level")
 HANDLER_KEYS = ("builtin", "exec", "python")
 IDENTITY_KEYS = ("user", "group", "groups", "umask", "cwd", "chroot", "nice", "rlimits")
-DEFAULTABLE_KEYS = ("wait", "env", "stderr", "timeout", "max_duration", "backlog",
-                    "access", "limits", *IDENTITY_KEYS)
-SERVICE_KEYS = ("listen", *HANDLER_KEYS, "workers", "threads", "socket", "proxy_protocol",
-                *DEFAULTABLE_KEYS)
+DEFAULTABLE_KEYS = ("wait", "env", "passenv", "stderr", "timeout", "max_duration", "backlog",
+                    "access", "limits", "log_connections", *IDENTITY_KEYS)
+SERVICE_KEYS = ("listen", *HANDLER_KEYS, "program", "disable", "workers", "threads", "socket",
+                "proxy_protocol", "nodelay", "keepalive", *DEFAULTABLE_KEYS)
+CONNECTION_LINES = ("accept", "exit")
 SOCKET_KEYS = ("user", "group", "mode")
-SERVICE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 DURATION_UNITS_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
@@ -72,6 +75,15 @@ class _Errors:
     def add(self, where: Where, key: str, message: str) -> None:
         self.items.append(f"{where}: {key}: {message}" if key else f"{where}: {message}")
 
+
+@dataclass
+class _Found:
+    """What a config serves, what it names but does not serve, and what to say about it."""
+
+    services: list[Service] = field(default_factory=list)
+    disabled: list[Disabled] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
 def load_config(path: str) -> Config:
     """Read, include, merge and validate the config at `path`; raises ConfigError."""
     errors = _Errors([])
@@ -84,14 +96,29 @@ def load_config(path: str) -> Config:
     daemon = _daemon_config(root, path, errors)
     sources = _service_sources(root, path, errors)
     defaults = _defaults(root, errors)
-    services = []
+    found = _Found()
     for name, (body, where) in sources.items():
+        if _disabled(body, f"services.{name}.", errors):
+            found.disabled.append(_disabled_service(name, body, where, defaults, found))
+            continue
         service = _service(name, body, where, defaults, errors)
         if service is not None:
-            services.append(service)
+            found.services.append(service)
+    _inetd_services(root, path, sources, defaults, errors, found)
     if errors.items:
         raise ConfigError(errors.items)
-    return Config(path=path, log=log, daemon=daemon, services=tuple(services))
+    return Config(path=path, log=log, daemon=daemon, services=tuple(found.services),
+                  disabled=tuple(found.disabled), warnings=tuple(found.warnings))
+
+def service_problems(name: str, body: dict[str, Any], where: Where) -> list[str]:
+    """What validation finds wrong with one service `body` (netd's keys, as a YAML
+    service would have them); empty when netd would serve it."""
+    problems = _Errors([])
+    empty = Mapping()
+    empty.where, empty.key_where = where, {}
+    _service(name, located(body, where), where, empty, problems, prefix=f"{name}.")
+    return problems.items
+
 
 def load_daemon_config(path: str) -> DaemonConfig:
     """Only the `daemon:` section (where the running netd's pidfile and control socket
@@ -244,14 +271,76 @@ def _collect_services(doc: Mapping, key: str, sources: dict[str, tuple[Mapping, 
             continue
         sources[name] = (body, where)
 
+def _disabled(body: Mapping, prefix: str, errors: _Errors) -> bool:
+    """True when the service says `disable: true`."""
+    return bool(_get(body, "disable", bool, prefix + "disable", errors, "true or false"))
+
+
+def _disabled_service(name: str, body: Mapping, where: Where, defaults: Mapping,
+                      found: _Found) -> Disabled:
+    """A disabled service is checked like any other, but what is wrong with it is a
+    warning: it is not served, so it cannot break the config (its program may not be
+    installed yet)."""
+    problems = _Errors([])
+    service = _service(name, body, where, defaults, problems)
+    found.warnings.extend(f"{problem} (service disabled)" for problem in problems.items)
+    return Disabled(name, str(where), service.handler if service else "")
+
+
+def _inetd_services(root: Mapping, path: str, sources: dict[str, tuple[Mapping, Where]],
+                    defaults: Mapping, errors: _Errors, found: _Found) -> None:
+    """The services of the inetd.conf files named by `inetd:`. A line netd cannot serve
+    is a warning with its reason, never an error: one package's line must not stop
+    the others. A name defined both in YAML and in inetd.conf is an error."""
+    value = _get(root, "inetd", (list, str), "inetd", errors, "a list of inetd.conf paths")
+    if value is None:
+        return
+    paths = [value] if isinstance(value, str) else value
+    lines: list[InetdLine] = []
+    for i, name in enumerate(paths):
+        where = root.key_where["inetd"] if isinstance(value, str) else value.item_where[i]
+        if not isinstance(name, str):
+            errors.add(where, f"inetd[{i}]", f"expected a file path, got {_kind(name)}")
+            continue
+        file = os.path.join(os.path.dirname(path), name)
+        try:
+            lines.extend(read_inetd(file, read_file(file)))
+        except FileNotFoundError:
+            continue  # no inetd.conf yet: update-inetd creates it with the first service
+        except YamlError as e:
+            errors.add(e.where, "", e.message)
+        except OSError as e:
+            errors.add(where, f"inetd[{i}]", f"cannot read {file}: {e.strerror}")
+    served: set[str] = set()
+    bodies, notes = service_bodies(lines)
+    found.warnings.extend(notes)
+    for name, body, line in bodies:
+        if name in sources:
+            errors.add(Where(line.path, line.line), name,
+                       f"service '{name}' is defined twice: in inetd.conf here and in "
+                       f"YAML at {sources[name][1]}; remove one")
+            continue
+        problems = _Errors([])
+        service = _service(name, located(body, Where(line.path, line.line)),
+                           Where(line.path, line.line), defaults, problems, prefix=f"{name}.")
+        found.warnings.extend(f"{problem}; line not served" for problem in problems.items)
+        if service is not None:
+            found.services.append(service)
+            served.add(name)
+    for line in lines:
+        if line.disabled and line.name not in served and line.name not in sources \
+                and all(d.name != line.name for d in found.disabled):
+            found.disabled.append(Disabled(line.name, line.where, line.text))
+
+
 def _defaults(root: Mapping, errors: _Errors) -> Mapping:
     defaults = _section(root, "defaults", errors)
     _check_keys(defaults, DEFAULTABLE_KEYS, "defaults.", errors)
     return defaults
 
 def _service(name: str, body: Mapping, where: Where, defaults: Mapping,
-             errors: _Errors) -> Service | None:
-    prefix = f"services.{name}."
+             errors: _Errors, prefix: str | None = None) -> Service | None:
+    prefix = prefix or f"services.{name}."
     _check_keys(body, SERVICE_KEYS, prefix, errors)
     before = len(errors.items)
 
@@ -271,9 +360,10 @@ def _service(name: str, body: Mapping, where: Where, defaults: Mapping,
     if handlers == ["builtin"]:
         builtin = _choice(body, "builtin", tuple(BUILTINS), prefix + "builtin", errors)
     elif handlers == ["exec"]:
-        argv = _argv(body, prefix, dict(env), errors)
+        argv = _argv(body, prefix, dict(env), errors, resolve="program" not in body)
     elif handlers == ["python"]:
         python = _python(body, prefix, errors)
+    program = _program(body, prefix, dict(env), handlers, errors)
 
     wait, source = setting("wait", bool, "true or false")
     if wait and handlers == ["builtin"] and "wait" in body:
@@ -295,7 +385,7 @@ def _service(name: str, body: Mapping, where: Where, defaults: Mapping,
         errors.add(body.key_where["workers"], prefix + "workers",
                    "is for builtin and python services; an exec service starts a program "
                    "per connection")
-    for unsupported in ("proxy_protocol", "limits"):
+    for unsupported in ("proxy_protocol", "limits", "nodelay", "keepalive"):
         if workers and unsupported in body:
             errors.add(body.key_where[unsupported], prefix + unsupported,
                        "is not applied in workers mode (the workers accept by themselves); "
@@ -309,6 +399,14 @@ def _service(name: str, body: Mapping, where: Where, defaults: Mapping,
     if proxy is not None and listen and not all(a.scheme == "tcp" for a in listen):
         errors.add(body.key_where["proxy_protocol"], prefix + "proxy_protocol",
                    "is for tcp:// addresses only")
+    tcp_options = {key: bool(_get(body, key, bool, prefix + key, errors, "true or false"))
+                   for key in ("nodelay", "keepalive")}
+    for key, wanted in tcp_options.items():
+        if wanted and listen and not any(a.scheme == "tcp" for a in listen):
+            errors.add(body.key_where[key], prefix + key, "is for tcp:// addresses")
+    passenv = _passenv(*_setting_source("passenv", body, defaults, prefix), errors)
+    log_accept, log_exit = _log_connections(
+        *_setting_source("log_connections", body, defaults, prefix), errors)
     backlog, source = setting("backlog", int, "a number of connections")
     if backlog is not None and not 1 <= backlog <= 65535:
         errors.add(source.key_where["backlog"], prefix + "backlog", "must be 1-65535")
@@ -323,6 +421,8 @@ def _service(name: str, body: Mapping, where: Where, defaults: Mapping,
         backlog=backlog or 128, identity=identity, workers=workers or 0,
         threads=threads or 16, max_duration_s=max_duration_s or None,
         socket_file=socket_file, access=access, limits=limits, proxy=proxy,
+        program=program, passenv=passenv, log_accept=log_accept, log_exit=log_exit,
+        origin=str(where), **tcp_options,
     )
 
 def _no_dgram_nowait(name: str, listen: list[Address], source: Mapping, in_body: bool,
@@ -589,7 +689,9 @@ def _env(body: Mapping, defaults: Mapping, prefix: str,
                 merged[key] = str(value)
     return tuple(merged.items())
 
-def _argv(body: Mapping, prefix: str, env: dict[str, str], errors: _Errors) -> list[str] | None:
+def _argv(body: Mapping, prefix: str, env: dict[str, str], errors: _Errors,
+          resolve: bool = True) -> list[str] | None:
+    """exec's argv; argv[0] resolved to the program's path unless `program` names it."""
     argv = _get(body, "exec", list, prefix + "exec", errors, "an argv list like [/bin/cat]")
     if argv is None:
         return None
@@ -598,12 +700,64 @@ def _argv(body: Mapping, prefix: str, env: dict[str, str], errors: _Errors) -> l
         errors.add(where, prefix + "exec", "expected a non-empty list of strings")
         return None
     argv = [str(a) for a in argv]
-    program = shutil.which(argv[0], path=env.get("PATH", DEFAULT_PATH))
+    if not resolve:
+        return argv
+    program = _which(argv[0], env, where, prefix + "exec", errors)
+    return None if program is None else [program, *argv[1:]]
+
+
+def _which(name: str, env: dict[str, str], where: Where, label: str,
+           errors: _Errors) -> str | None:
+    """The absolute path of the program `name`, looked up on the service's PATH."""
+    program = shutil.which(name, path=env.get("PATH", DEFAULT_PATH))
     if program is None:
-        problem = "does not exist" if not os.path.exists(argv[0]) else "is not executable"
-        errors.add(where, prefix + "exec", f"program '{argv[0]}' {problem}")
+        problem = "does not exist" if not os.path.exists(name) else "is not executable"
+        errors.add(where, label, f"program '{name}' {problem}")
         return None
-    return [os.path.abspath(program), *argv[1:]]
+    return os.path.abspath(program)
+
+
+def _program(body: Mapping, prefix: str, env: dict[str, str], handlers: list[str],
+             errors: _Errors) -> str | None:
+    """`program`: the file an exec service runs when exec's first item is only its
+    argv[0] (inetd's program field, xinetd's NAMEINARGS: tcpd with argv[0] in.fingerd)."""
+    name = _get(body, "program", str, prefix + "program", errors, "a program path")
+    if name is None:
+        return None
+    where = body.key_where["program"]
+    if handlers != ["exec"]:
+        errors.add(where, prefix + "program", "goes with exec: it is the file run, and "
+                   "exec's first item the argv[0] it is given")
+        return None
+    return _which(name, env, where, prefix + "program", errors)
+
+
+def _passenv(source: Mapping, key: str, label: str, errors: _Errors) -> tuple[str, ...]:
+    """Names of variables a child takes from netd's own environment (xinetd's passenv)."""
+    value = source.get(key)
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(
+            isinstance(v, str) and v and "=" not in v and "\0" not in v for v in value):
+        errors.add(source.key_where[key], label, "expected a list of variable names like "
+                   "[TZ, LANG]")
+        return ()
+    return tuple(value)
+
+
+def _log_connections(source: Mapping, key: str, label: str,
+                     errors: _Errors) -> tuple[bool, bool]:
+    """Which of the accept and exit lines are logged at info (the others at debug):
+    true (both, the default), false (neither) or a list of accept and exit."""
+    value = source.get(key, True)
+    if isinstance(value, bool):
+        return value, value
+    if isinstance(value, list) and all(v in CONNECTION_LINES for v in value):
+        return "accept" in value, "exit" in value
+    errors.add(source.key_where[key], label,
+               f"expected true, false or a list of {' and '.join(CONNECTION_LINES)}, "
+               f"got {_kind(value)}")
+    return True, True
 
 def _python(body: Mapping, prefix: str, errors: _Errors) -> str | None:
     spec: str | None = _get(body, "python", str, prefix + "python", errors, "module:function")

@@ -52,6 +52,20 @@ class Sequence(list[Any]):
     item_where: list[Where]
 
 
+def located(value: Any, where: Where) -> Any:
+    """Plain dicts and lists as Mapping and Sequence values that all sit at `where`: how a
+    service read from another format (an inetd.conf line) goes through validation."""
+    if isinstance(value, dict):
+        mapping = Mapping((k, located(v, where)) for k, v in value.items())
+        mapping.where, mapping.key_where = where, {k: where for k in value}
+        return mapping
+    if isinstance(value, list):
+        seq = Sequence(located(v, where) for v in value)
+        seq.where, seq.item_where = where, [where] * len(value)
+        return seq
+    return value
+
+
 def load_file(path: str, only: str | None = None) -> Any:
     """Read and parse one YAML file into located values; raises YamlError or OSError.
 
@@ -59,7 +73,7 @@ def load_file(path: str, only: str | None = None) -> Any:
     in the file does not hide it.
     """
     with open(path, "rb") as f:
-        _check_trusted(path, os.fstat(f.fileno()))
+        check_trusted(path, os.fstat(f.fileno()))
         raw = f.read()
     try:
         text = raw.decode("utf-8", errors="strict" if only is None else "replace")
@@ -99,7 +113,7 @@ def _only_block(text: str, key: str) -> str:
     return "\n".join(lines)
 
 
-def _check_trusted(path: str, info: os.stat_result) -> None:
+def check_trusted(path: str, info: os.stat_result) -> None:
     """Refuse a config someone other than its owner (root or netd's user) may change:
     whoever can write it can make netd run any program, often as root."""
     if info.st_uid not in (0, os.geteuid()):

@@ -82,6 +82,12 @@ def _parser() -> argparse.ArgumentParser:
                                   "(default: daemon.stop_timeout + 5)")
         if name == "status":
             sub.add_argument("--json", action="store_true", help="print JSON for scripts")
+            sub.add_argument("services", nargs="*", metavar="SERVICE",
+                             help="show only these services (default: all)")
+        if name == "check":
+            sub.add_argument("--names", action="store_true",
+                             help="print only the service names, one a line (for scripts "
+                                  "and shell completion)")
     return parser
 
 
@@ -101,6 +107,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     config = _load(args.config)
     if config is None:
         return os.EX_CONFIG
+    if args.names:
+        # Disabled services too: `netd status` lists them.
+        for name in [s.name for s in config.services] + [d.name for d in config.disabled]:
+            print(name)
+        return os.EX_OK
     disabled = f", {len(config.disabled)} disabled" if config.disabled else ""
     print(f"{config.path}: OK, {len(config.services)} service(s){disabled}")
     names = [s.name for s in config.services] + [d.name for d in config.disabled]
@@ -325,7 +336,8 @@ def _reload_result(control: str, pid: int, sent_s: float) -> dict[str, Any] | No
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    """Print the daemon's state; exit 3 when it is not running."""
+    """Print the daemon's state and its services (all, or those named); exit 3 when it
+    is not running."""
     daemon = load_daemon_config(args.config)
     try:
         reply = request(daemon.control, "status")
@@ -342,6 +354,14 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"netd running, pid {pid} (pidfile {daemon.pidfile})")
             print(f"netd: {why}", file=sys.stderr)
         return os.EX_OK
+    if args.services:
+        running = [s["name"] for s in reply["services"]]
+        unknown = [name for name in args.services if name not in running]
+        if unknown:
+            print(f"netd: no service {', '.join(unknown)} in the running config "
+                  f"(it has: {', '.join(running) or 'none'})", file=sys.stderr)
+            return os.EX_USAGE
+        reply["services"] = [s for s in reply["services"] if s["name"] in args.services]
     if args.json:
         print(json.dumps(reply, indent=2))
         return os.EX_OK

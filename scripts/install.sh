@@ -9,6 +9,10 @@
 #   - /etc/systemd/system/netd.service and netd.socket, then `systemctl daemon-reload`
 #   - /etc/rsyslog.d/30-netd.conf (netd's lines to /var/log/netd.log) and
 #     /etc/logrotate.d/netd, restarting rsyslog when the snippet changed
+#   - the man pages netd(8) and netd.yaml(5) (made from README.md) under
+#     /usr/local/share/man, and bash completion under /usr/local/share/bash-completion
+#
+# On Debian and Ubuntu the Debian package is the better way (README.md, "Install").
 #
 # Running it again upgrades netd from the checkout and changes nothing else that is
 # already in place. It never starts, stops or restarts netd itself.
@@ -128,6 +132,13 @@ if ! command -v rsyslogd >/dev/null; then
         "(journalctl -t netd); apt-get install rsyslog for /var/log/netd.log"
 fi
 put etc/logrotate.d/netd /etc/logrotate.d/netd || true
+
+# 6. Man pages, generated from README.md, and bash completion (read from
+#    $XDG_DATA_DIRS, which holds /usr/local/share by default).
+"$prefix/bin/python" scripts/manpages.py --out "$build/man" >/dev/null
+put "$build/man/netd.8" /usr/local/share/man/man8/netd.8 || true
+put "$build/man/netd.yaml.5" /usr/local/share/man/man5/netd.yaml.5 || true
+put completion/netd.bash /usr/local/share/bash-completion/completions/netd || true
 
 if [ "$systemd_booted" = yes ] && systemctl -q is-enabled netd.service 2>/dev/null; then
     say "done"

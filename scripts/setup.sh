@@ -11,9 +11,10 @@ want_tests=no
 packages=(libsystemd-dev pkg-config gcc python3-dev python3-venv)
 # The real programs the tests drive: inetd-style servers and their clients, HAProxy
 # for the PROXY protocol, systemd's socket-activate and analyze tools, tcpd and
-# in.fingerd (the inetd.conf world).
+# in.fingerd (the inetd.conf world), man and bash-completion for the man page and
+# completion tests.
 [ "$want_tests" = yes ] && packages+=(rsync tftpd-hpa tftp-hpa git socat haproxy systemd busybox-static
-                                     tcpd fingerd finger libtirpc3)
+                                     tcpd fingerd finger libtirpc3 man-db bash-completion)
 
 missing=()
 for p in "${packages[@]}"; do

@@ -236,6 +236,42 @@ def test_start_status_reload_stop_cycle(tmp_path: Path, sink: SyslogSink,
         connect(port)
 
 
+def test_status_of_named_services_and_check_names(tmp_path: Path, sink: SyslogSink,
+                                                  detached: None) -> None:
+    """`netd status NAME...` shows only those services and refuses a name the running
+    config lacks; `netd check --names` prints the names alone (what shell completion
+    offers)."""
+    ports = [free_port(), free_port()]
+    config = daemon_config(tmp_path, sink, f"""\
+  echo:
+    listen: tcp://127.0.0.1:{ports[0]}
+    builtin: echo
+  daytime:
+    listen: tcp://127.0.0.1:{ports[1]}
+    builtin: daytime
+  unused:
+    listen: tcp://127.0.0.1:{ports[1]}
+    builtin: chargen
+    disable: true
+""")
+    names = run_netd("check", "--names", "-c", str(config))
+    assert (names.returncode, names.stdout) == (0, "echo\ndaytime\nunused\n"), output(names)
+    result = run_netd("start", "-c", str(config))
+    assert result.returncode == 0, output(result)
+
+    text = run_netd("status", "-c", str(config), "daytime")
+    assert text.returncode == 0, output(text)
+    assert "daytime: listening" in text.stdout and "echo:" not in text.stdout, output(text)
+    assert text.stdout.startswith("netd "), output(text)  # the daemon's line stays
+    shown = json.loads(run_netd("status", "-c", str(config), "--json", "echo").stdout)
+    assert [s["name"] for s in shown["services"]] == ["echo"]
+    unknown = run_netd("status", "-c", str(config), "echo", "nosuch")
+    assert unknown.returncode == 64 and unknown.stdout == "", output(unknown)
+    assert "no service nosuch" in unknown.stderr and "echo, daytime" in unknown.stderr, \
+        output(unknown)
+    assert run_netd("stop", "-c", str(config)).returncode == 0
+
+
 def test_status_and_stop_work_while_the_config_on_disk_is_broken(
         tmp_path: Path, sink: SyslogSink, detached: None) -> None:
     """An administrator mid-edit (config on disk invalid) can still ask the running

@@ -207,6 +207,30 @@ services:
     assert netd.stop() == 0
 
 
+def test_watchdog_is_pinged_on_its_timer_not_per_wake_up(
+        tmp_path: Path, sink: SyslogSink, notify: NotifySink,
+        netds: list[subprocess.Popen[bytes]]) -> None:
+    """300 connections wake the supervisor's loop many times (their spawner's reports),
+    yet WATCHDOG=1 comes once per half WATCHDOG_USEC: never one ping per wake-up (it
+    used to be 732 pings for 300 connections)."""
+    port = free_port()
+    netd = start_notified(tmp_path, sink, f"""\
+services:
+  cat:
+    listen: tcp://127.0.0.1:{port}
+    exec: [/bin/cat]
+""", {"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "2000000"}, netds)
+    notify.wait_for("READY")
+    started = time.monotonic()
+    for _ in range(300):
+        assert echo_roundtrip(port) == b"hello\n"
+    took_s = time.monotonic() - started
+    pings = len(notify.with_key("WATCHDOG"))
+    # One ping per second (half of 2 s), and one more for a second begun meanwhile.
+    assert pings <= took_s + 1, (pings, took_s)
+    assert netd.stop() == 0
+
+
 def test_watchdog_meant_for_another_process_is_not_pinged(
         tmp_path: Path, sink: SyslogSink, notify: NotifySink,
         netds: list[subprocess.Popen[bytes]]) -> None:

@@ -39,15 +39,18 @@ class Batch:
     ended: list[tuple[int, int]] = field(default_factory=list)  # (pid, wait status)
     counts: dict[str, list[int]] = field(default_factory=dict)  # service: [accepted, refused]
     states: dict[str, str] = field(default_factory=dict)
+    ready: bool = False  # the first batch: it serves every socket of its plan
 
     def __len__(self) -> int:
-        return len(self.started) + len(self.ended) + len(self.counts) + len(self.states)
+        return (len(self.started) + len(self.ended) + len(self.counts) + len(self.states)
+                + self.ready)
 
     def encode(self) -> bytes:
         """The batch as one datagram."""
         return json.dumps({
             "started": [[s.pid, s.service, s.source, s.wait_key] for s in self.started],
             "ended": self.ended, "counts": self.counts, "states": self.states,
+            "ready": self.ready,
         }).encode()
 
     @classmethod
@@ -56,7 +59,7 @@ class Batch:
         raw: dict[str, Any] = json.loads(data)
         return cls(started=[Started(*entry) for entry in raw["started"]],
                    ended=[(int(pid), int(status)) for pid, status in raw["ended"]],
-                   counts=raw["counts"], states=raw["states"])
+                   counts=raw["counts"], states=raw["states"], ready=raw["ready"])
 
 
 def send_note(sock: socket.socket, note: dict[str, Any]) -> bool:
@@ -107,6 +110,10 @@ class Reporter:
         """A child ended with wait status `status`."""
         self.batch.ended.append((pid, status))
         self._full()
+
+    def ready(self) -> None:
+        """Every socket of the plan is served (the spawner it replaces may retire)."""
+        self.batch.ready = True
 
     def state(self, service: str, state: str) -> None:
         """The service's state changed (listening, busy, suspended)."""

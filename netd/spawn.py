@@ -69,16 +69,21 @@ def spawn_exec(program: str, argv: tuple[str, ...], env: dict[str, str], conn_fd
     )
 
 
-def fork_helper(main: Callable[[], None], keep_fds: list[int], identity: Identity) -> int:
+def fork_helper(main: Callable[[], None], keep_fds: list[int], identity: Identity,
+                prepare: Callable[[], None] | None = None) -> int:
     """Fork a long-lived helper (a spawner, a prefork worker) that takes `identity`
-    and runs main(); returns its pid. It leaves with status 0 when main() returns,
-    1 when it raised, and never returns into the caller."""
+    and runs main(); returns its pid. `prepare()` runs first, while it still has netd's
+    own identity (to import what main() needs from files its new user may not read).
+    It leaves with status 0 when main() returns, 1 when it raised, and never returns
+    into the caller."""
     pid = os.fork()
     if pid:
         return pid
     status = 1
     try:
         _become_clean_child(keep_fds)
+        if prepare is not None:
+            prepare()
         become(identity)
         main()
         status = 0

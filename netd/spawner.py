@@ -113,6 +113,7 @@ class Spawner:
         self.loop.watch(self.link, self._notes)
         for served in self.served.values():
             self._serve(served)
+        self.report.ready()
         self._reap()  # a child that ended before the handlers were in place
         while not self._done():
             self.report.flush()  # what this wake-up did, in one batch

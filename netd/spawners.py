@@ -41,6 +41,8 @@ class SpawnerHandle:
         self.loop = loop
         self.on_batch = on_batch
         self.retired = False
+        # The spawners it takes over from: they serve on until it is ready.
+        self.replaces: list[SpawnerHandle] = []
         self.link, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         sockets = [lst.sock.fileno() for _, listeners in plan.services for lst in listeners]
         devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
@@ -170,14 +172,20 @@ class Spawners:
             self._restart_later(identity)
             return
         old = self.serving.get(identity)
+        if old is not None:
+            handle.replaces = [old] if not old.retired else []
+            handle.replaces += old.replaces
+            old.replaces = []
         self.serving[identity] = handle
         self.by_pid[handle.pid] = handle
-        if old is not None:
-            old.retire()
         for name in names:
             self.counts.setdefault(name, Counts()).state = "listening"
 
     def _batch(self, spawner: SpawnerHandle, batch: Batch) -> None:
+        if batch.ready:
+            for old in spawner.replaces:
+                old.retire()
+            spawner.replaces = []
         for started in batch.started:
             self.children[started.pid] = ChildRecord(started, spawner)
         ended = [pid for pid, _ in batch.ended if self.children.pop(pid, None) is not None]
@@ -230,6 +238,9 @@ class Spawners:
         identity = spawner.plan.identity
         if self.serving.get(identity) is spawner:
             del self.serving[identity]
+            if spawner.replaces:  # they serve on until its replacement is ready
+                self.serving[identity] = spawner.replaces[0]
+                spawner.replaces[0].replaces = spawner.replaces[1:]
         self.log.event("error", "err", user=identity.user,
                        msg=f"spawner exited (status {os.waitstatus_to_exitcode(status)})")
         if not self.stopping:

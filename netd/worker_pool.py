@@ -10,6 +10,7 @@ what they serve and leave, and a new pool takes over the same sockets.
 from __future__ import annotations
 
 import signal
+import socket
 import time
 from collections.abc import Callable
 
@@ -50,15 +51,11 @@ class WorkerPool:
         """Start the workers the pool is missing."""
         service = self.service
         sockets = [lst.sock for lst in self.listeners]
-        # Imported here, not at the top: asyncio (and the ssl it pulls in) is ~9 MB the
-        # supervisor carries only when some service runs workers.
-        from netd.workers import run_worker
-
         for _ in range(service.workers - len(self.started_s)):
             try:
-                pid = fork_helper(lambda: run_worker(service, sockets, self.log),
+                pid = fork_helper(lambda: _run_worker(service, sockets, self.log),
                                   [s.fileno() for s in sockets] + self.log.fds(),
-                                  service.identity)
+                                  service.identity, _load_worker)
             except OSError as e:
                 self.log.event("error", "err", service=service.name,
                                msg=f"cannot start worker: {e}")
@@ -91,3 +88,16 @@ class WorkerPool:
         self.loop.cancel(self.restart_at)
         for pid in self.started_s:
             signal_group(pid, sig)
+
+
+# The worker's code pulls in asyncio (and ssl): ~6 MB that only workers carry, never the
+# supervisor. It is imported in the forked worker before it takes its identity, while
+# netd's own files are surely readable.
+def _load_worker() -> None:
+    import netd.workers  # noqa: F401
+
+
+def _run_worker(service: Service, sockets: list[socket.socket], log: Log) -> None:
+    from netd.workers import run_worker
+
+    run_worker(service, sockets, log)

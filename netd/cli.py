@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from netd import __version__
+from netd import __version__, proctitle
 from netd.config import Config, ConfigError, load_config, load_daemon_config
 from netd.config.model import DaemonConfig
 from netd.control import NotRunning, request
@@ -202,6 +202,7 @@ def serve(config: Config, passed: dict[int, str], report: Report) -> int:
         if stale is not None and stale != os.getpid():
             log.event("pidfile", "warning", path=config.daemon.pidfile, stale_pid=stale,
                       msg="took over the pidfile of a netd that is gone")
+        proctitle.supervisor(config.path)
         supervisor = Supervisor(config, log, Notifier(), passed)
         try:
             supervisor.bind_all()

@@ -23,6 +23,7 @@ import socket
 import traceback
 from collections.abc import Callable
 
+from netd import proctitle
 from netd.config.identity import RLIMITS
 from netd.config.model import DEFAULT_PATH, Identity, Service
 from netd.handlers.python import load_handler
@@ -205,5 +206,6 @@ def _prctl(option: int, value: int) -> None:
 def serve_python(service: Service, conn: socket.socket, remote: object) -> None:
     """In a handler child: call the service's python handler on `conn`."""
     assert service.python is not None
+    proctitle.handler(service.name, conn, remote)
     conn.settimeout(service.timeout_s)
     load_handler(service.python)(conn, remote)

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from functools import partial
 
+from netd import proctitle
 from netd.children import Child, ChildPool, ChildTable, Ticket
 from netd.config.model import Identity, Service
 from netd.handlers.builtins import BUILTINS
@@ -452,6 +453,7 @@ class Spawner:
         if self.leaving == how or self.leaving == "stop":
             return
         self.leaving = how
+        proctitle.spawner(self.plan.identity.user, list(self.served), how)
         for served in self.served.values():
             for listener in served.listeners:
                 listener.close()

@@ -16,6 +16,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from netd import proctitle
 from netd.children import ChildPool
 from netd.config.model import Identity, Service
 from netd.listener import Listener
@@ -49,6 +50,7 @@ class SpawnerHandle:
 
         def main() -> None:
             log.in_child(has_loop=True)  # it never stalls its loop on a slow syslog
+            proctitle.spawner(plan.identity.user, [service.name for service, _ in plan.services])
             try:
                 Spawner(plan, theirs, log, devnull).run()
             except Exception as e:  # a fault of ours: say what, then leave (status 1)

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from netd import proctitle
 from netd.config import Service
 from netd.handlers.async_builtins import serve_stream
 from netd.handlers.builtins import BUILTINS
@@ -35,6 +36,7 @@ def run_worker(service: Service, sockets: list[socket.socket], log: Log) -> None
     # A worker left behind by a supervisor killed with SIGKILL would go on accepting
     # on its sockets for ever: have the kernel SIGTERM it when the supervisor dies.
     die_with_parent(signal.SIGTERM)
+    proctitle.worker(service.name)
     log.in_child(has_loop=True)  # never stall every connection of a worker on a slow syslog
     asyncio.run(_serve_all(service, sockets, log))
 

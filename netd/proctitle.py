@@ -1,0 +1,88 @@
+"""Process titles: what `ps` shows for each kind of netd process (setproctitle).
+
+Without them every process reads `python3 .../netd run -c FILE`, the supervisor,
+its spawners, the prefork workers and the handler children alike. Exec children are
+the programs themselves and keep their own command lines. Titles are a nicety: when
+setproctitle cannot be imported netd runs the same, with the command line it had.
+
+Each function is called once, where its process starts: a handler child's title is
+set in the child after the fork, so no connection costs its spawner anything.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import socket
+import struct
+from collections.abc import Callable, Sequence
+
+from netd.peer import describe
+
+PREFIX = "netd: "
+SERVICES_SHOWN = 3  # a spawner of more services names these, then "+N more"
+
+
+def _loaded() -> Callable[[str], None] | None:
+    try:
+        from setproctitle import setproctitle
+    except ImportError:
+        return None
+    return setproctitle
+
+
+_set_title = _loaded()
+
+
+def _set(title: str) -> None:
+    if _set_title is not None:
+        _set_title(PREFIX + title)
+
+
+def supervisor(config_path: str) -> None:
+    """`netd: supervisor -c /etc/netd/netd.yaml`."""
+    _set(f"supervisor -c {config_path}")
+
+
+def spawner(user: str | None, services: Sequence[str], leaving: str | None = None) -> None:
+    """`netd: spawner user=nobody (echo, cat, finger, +2 more)`, with `retiring` or
+    `stopping` at the end once it leaves (it finishes its children first)."""
+    names = ", ".join(services[:SERVICES_SHOWN])
+    if len(services) > SERVICES_SHOWN:
+        names += f", +{len(services) - SERVICES_SHOWN} more"
+    state = {"retire": " retiring", "stop": " stopping"}.get(leaving or "", "")
+    _set(f"spawner user={user or _user_name()} ({names}){state}")
+
+
+def worker(service: str) -> None:
+    """`netd: worker hello`: a prefork worker of a service."""
+    _set(f"worker {service}")
+
+
+def handler(service: str, conn: socket.socket, remote: object) -> None:
+    """`netd: finger 127.0.0.1:40312`: a python handler's child and its peer (the
+    client's pid for a unix socket, `wait` when it got the listening socket itself)."""
+    if isinstance(remote, tuple):
+        who = describe(remote, conn.family)
+    elif remote is None:
+        who = "wait"
+    elif conn.family == socket.AF_UNIX:
+        try:
+            creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                    struct.calcsize("3i"))
+        except OSError:
+            who = "unix"
+        else:
+            who = f"unix pid={struct.unpack('3i', creds)[0]}"
+    else:
+        who = describe(remote, conn.family)
+    _set(f"{service} {who}")
+
+
+def _user_name() -> str:
+    """The name of the user this process runs as (its uid when it has none)."""
+    uid = os.geteuid()
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)

@@ -121,6 +121,8 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"  {service.name:<{width}}  {addresses}  {service.handler}")
     for off in config.disabled:
         print(f"  {off.name:<{width}}  disabled ({off.origin})  {off.handler}")
+    if config.metrics is not None:
+        print(f"metrics: GET /metrics on {', '.join(map(str, config.metrics.listen))}")
     for warning in config.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     return os.EX_OK
@@ -370,6 +372,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"netd {daemon_state['version']} running, pid {daemon_state['pid']}, "
           f"up {daemon_state['uptime_s']:.0f}s, {daemon_state['children']} children")
     print(f"config: {daemon_state['config']}")
+    if daemon_state.get("metrics"):
+        print(f"metrics: GET /metrics on {', '.join(daemon_state['metrics'])}")
     last = daemon_state.get("last_reload")
     if last:
         when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(last["time"]))

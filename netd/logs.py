@@ -302,6 +302,7 @@ class Log:
         self.target = target
         self.max_severity = SEVERITIES[level]
         self.dropped = 0
+        self.dropped_before = 0  # lines dropped and already reported by log_dropped
         self.backlog: deque[Line] = deque()
         self.patience_s = 0.0
         self.repeats = Repeats()
@@ -337,6 +338,10 @@ class Log:
                 fields["repeated"] = stands_for
         self._put((severity, event, fields, format_event(event, fields)))
 
+    def lost(self) -> int:
+        """How many lines this process's log has dropped since it began (for metrics)."""
+        return self.dropped_before + self.dropped
+
     # -- what the event loop calls ---------------------------------------------------
 
     def fileno(self) -> int | None:
@@ -364,6 +369,7 @@ class Log:
             return
         if self._send((SEVERITIES["warning"], "log_dropped", lost,
                        format_event("log_dropped", lost))):
+            self.dropped_before += self.dropped
             self.dropped = 0
             self.outage_since_s = None
 
@@ -415,7 +421,7 @@ class Log:
         spawner) holds lines back like the supervisor and reports its own losses; one
         without waits up to 1 s for room, and tries a gone target at once."""
         self.backlog.clear()
-        self.dropped = 0
+        self.dropped = self.dropped_before = 0
         self.outage_since_s = None
         self.reports_outages = has_loop
         self.repeats = Repeats()

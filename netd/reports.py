@@ -3,7 +3,9 @@
 Spawner to supervisor, in batches (one per wake-up of the spawner that did something,
 so a busy spawner costs the supervisor a wake-up per batch, not per connection): the
 children it started and those that ended, how many connections each service accepted
-and refused since the last batch, and each service's state when it changed.
+and refused (by reason) since the last batch, the children it could not start, the log
+lines it had to drop, and each service's state when it changed. Counting a connection
+is one dict increment.
 
 Supervisor to spawner, as notes: `retire` (stop accepting, let the children finish,
 then leave), `stop` (netd is stopping: end the children too), and `ended` (children
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import json
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,19 +40,23 @@ class Batch:
 
     started: list[Started] = field(default_factory=list)
     ended: list[tuple[int, int]] = field(default_factory=list)  # (pid, wait status)
-    counts: dict[str, list[int]] = field(default_factory=dict)  # service: [accepted, refused]
+    accepted: dict[str, int] = field(default_factory=dict)  # service: connections
+    refused: dict[str, dict[str, int]] = field(default_factory=dict)  # service: reason: n
+    failed: dict[str, int] = field(default_factory=dict)  # service: children not started
     states: dict[str, str] = field(default_factory=dict)
+    lost: int = 0  # log lines the spawner dropped since its last batch
     ready: bool = False  # the first batch: it serves every socket of its plan
 
     def __len__(self) -> int:
-        return (len(self.started) + len(self.ended) + len(self.counts) + len(self.states)
-                + self.ready)
+        return (len(self.started) + len(self.ended) + len(self.accepted) + len(self.refused)
+                + len(self.failed) + len(self.states) + bool(self.lost) + self.ready)
 
     def encode(self) -> bytes:
         """The batch as one datagram."""
         return json.dumps({
             "started": [[s.pid, s.service, s.source, s.wait_key] for s in self.started],
-            "ended": self.ended, "counts": self.counts, "states": self.states,
+            "ended": self.ended, "accepted": self.accepted, "refused": self.refused,
+            "failed": self.failed, "states": self.states, "lost": self.lost,
             "ready": self.ready,
         }).encode()
 
@@ -59,7 +66,8 @@ class Batch:
         raw: dict[str, Any] = json.loads(data)
         return cls(started=[Started(*entry) for entry in raw["started"]],
                    ended=[(int(pid), int(status)) for pid, status in raw["ended"]],
-                   counts=raw["counts"], states=raw["states"], ready=raw["ready"])
+                   accepted=raw["accepted"], refused=raw["refused"], failed=raw["failed"],
+                   states=raw["states"], lost=raw["lost"], ready=raw["ready"])
 
 
 def send_note(sock: socket.socket, note: dict[str, Any]) -> bool:
@@ -87,19 +95,32 @@ def read_notes(sock: socket.socket) -> list[dict[str, Any]] | None:
 
 
 class Reporter:
-    """A spawner's side: what it notes during a wake-up goes out as one batch."""
+    """A spawner's side: what it notes during a wake-up goes out as one batch.
 
-    def __init__(self, link: socket.socket) -> None:
+    `lost()` is how many log lines the spawner has dropped so far: a batch carries
+    those it has not reported yet.
+    """
+
+    def __init__(self, link: socket.socket, lost: Callable[[], int] = lambda: 0) -> None:
         self.link = link
         self.batch = Batch()
+        self.lost = lost
+        self.lost_sent = 0
 
     def accepted(self, service: str) -> None:
         """One more connection taken for `service`."""
-        self.batch.counts.setdefault(service, [0, 0])[0] += 1
+        accepted = self.batch.accepted
+        accepted[service] = accepted.get(service, 0) + 1
 
-    def refused(self, service: str) -> None:
-        """One more connection turned away for `service`."""
-        self.batch.counts.setdefault(service, [0, 0])[1] += 1
+    def refused(self, service: str, reason: str) -> None:
+        """One more connection turned away for `service`, for `reason` (access, ...)."""
+        reasons = self.batch.refused.setdefault(service, {})
+        reasons[reason] = reasons.get(reason, 0) + 1
+
+    def failed(self, service: str) -> None:
+        """A child of `service` could not be started (fork or posix_spawn failed)."""
+        failed = self.batch.failed
+        failed[service] = failed.get(service, 0) + 1
 
     def started(self, started: Started) -> None:
         """A child started."""
@@ -125,6 +146,9 @@ class Reporter:
 
     def flush(self) -> None:
         """Send what was noted, if anything."""
+        lost = self.lost()
+        if lost != self.lost_sent:
+            self.batch.lost, self.lost_sent = lost - self.lost_sent, lost
         if not len(self.batch):
             return
         try:

@@ -90,7 +90,7 @@ class Spawner:
         self.children = ChildTable()
         self.streams: set[InlineStream] = set()
         self.leaving: str | None = None  # "retire" or "stop"
-        self.report = Reporter(link)
+        self.report = Reporter(link, log.lost)
         self.served = {service.name: Served(service, listeners)
                        for service, listeners in plan.services}
         self.proxies: ProxyGate[tuple[Served, Listener]] = ProxyGate(
@@ -225,6 +225,7 @@ class Spawner:
                                 [sock.fileno(), *self.log.fds()], self.log, service.name)
         except OSError as e:
             self.log.event("error", "err", service=service.name, msg=f"cannot start child: {e}")
+            self.report.failed(service.name)
             if e.errno in (errno.EAGAIN, errno.ENOMEM, *SHORTAGES):
                 # Out of processes (RLIMIT_NPROC) or memory: pause, connections wait.
                 self.suspend(served, time.monotonic() + RESOURCE_PAUSE_S, "resources")
@@ -245,7 +246,7 @@ class Spawner:
                                     if child.ticket else None, child.wait_key))
 
     def _refuse(self, served: Served, peer: Peer, reason: str, **detail: object) -> None:
-        self.report.refused(served.service.name)
+        self.report.refused(served.service.name, reason)
         self.log.event("refuse", "notice", **refuse_fields(served.service.name, peer, reason,
                                                            **detail))
 

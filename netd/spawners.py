@@ -3,7 +3,7 @@
 `SpawnerHandle` is one spawner process: forked with its plan, its reports read, the
 supervisor's notes passed to it. `Spawners` is all of them: the one serving each
 identity, those retired but still finishing their children, every child they
-reported, and what each service accepted and refused.
+reported, what each service accepted and refused, and the log lines they dropped.
 """
 
 from __future__ import annotations
@@ -120,8 +120,14 @@ class Counts:
     """What one service's spawners reported about it."""
 
     accepted: int = 0
-    refused: int = 0
+    refused_by: dict[str, int] = field(default_factory=dict)  # reason: connections
+    failed: int = 0  # children that could not be started
     state: str = "listening"
+
+    @property
+    def refused(self) -> int:
+        """Connections refused, for any reason."""
+        return sum(self.refused_by.values())
 
 
 class Spawners:
@@ -135,6 +141,7 @@ class Spawners:
         self.by_pid: dict[int, SpawnerHandle] = {}  # every live one, retired ones too
         self.children: dict[int, ChildRecord] = {}
         self.counts: dict[str, Counts] = {}
+        self.log_lost = 0  # log lines the spawners reported they dropped
         self.restarts: dict[Identity, Timer] = {}
         self.failures: dict[Identity, int] = {}
         self.groups: dict[Identity, Group] = {}
@@ -192,10 +199,15 @@ class Spawners:
             self.children[started.pid] = ChildRecord(started, spawner)
         ended = [pid for pid, _ in batch.ended if self.children.pop(pid, None) is not None]
         self._tell_ended(spawner.plan.identity, ended, spawner)
-        for name, (accepted, refused) in batch.counts.items():
-            counts = self.counts.setdefault(name, Counts())
-            counts.accepted += accepted
-            counts.refused += refused
+        for name, accepted in batch.accepted.items():
+            self.counts.setdefault(name, Counts()).accepted += accepted
+        for name, reasons in batch.refused.items():
+            refused_by = self.counts.setdefault(name, Counts()).refused_by
+            for reason, refused in reasons.items():
+                refused_by[reason] = refused_by.get(reason, 0) + refused
+        for name, failed in batch.failed.items():
+            self.counts.setdefault(name, Counts()).failed += failed
+        self.log_lost += batch.lost
         if self.serving.get(spawner.plan.identity) is spawner:
             for name, state in batch.states.items():
                 self.counts.setdefault(name, Counts()).state = state

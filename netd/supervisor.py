@@ -3,9 +3,10 @@
 It binds (or adopts) every listening socket, forks a spawner per identity
 (netd.spawner) and the prefork workers of `workers:` services (netd.worker_pool), and
 they serve the sockets: the supervisor does no work per connection. Its loop
-(netd.loop) watches the signal wake-up socket, the control socket and its spawners'
-reports; its timers are systemd's watchdog, the stop deadline and the restart of a
-spawner that died.
+(netd.loop) watches the signal wake-up socket, the control socket, the metrics
+endpoint (netd.scrape, when the config names one) and its spawners' reports; its
+timers are systemd's watchdog, the stop deadline and the restart of a spawner that
+died.
 
 Signal handlers only let Python write the signal's number to the wake-up socket; the
 loop does the work: SIGCHLD reaps, SIGHUP reloads, SIGTERM and SIGINT stop. A reload
@@ -31,6 +32,7 @@ from netd.listener import Listener
 from netd.logs import Log
 from netd.loop import EventLoop, Timer
 from netd.peer import describe
+from netd.scrape import MetricsEndpoint, Render
 from netd.sockets import bind, set_file_owner, tune
 from netd.spawn import become_subreaper, signal_group
 from netd.spawners import Counts, Group, Spawners, log_exit
@@ -68,6 +70,9 @@ class Supervisor:
         self.workers_by_pid: dict[int, WorkerPool] = {}
         self.pool = ChildPool(config.daemon.max_children)
         self.control = ControlServer(self.loop, config.daemon.control, log, self.answer)
+        self.metrics = MetricsEndpoint(self.loop, log)
+        self.render_metrics: Render | None = None  # made once the config asks for metrics
+        self.reloads = {"ok": 0, "error": 0}
         self.stopping: str | None = None
         self.kill_rounds = 0
         self.status_at: Timer | None = None
@@ -112,18 +117,21 @@ class Supervisor:
     def apply(self, config: Config) -> dict[str, list[str]]:
         """Make the running services match `config`, touching only what differs.
 
-        Every new socket is bound before anything is closed, so a failure (raised as
-        OSError) leaves all as it was. A socket whose address is still configured is
+        Every new socket (a service's or the metrics endpoint's) is bound before anything
+        is closed, so a failure (raised as OSError) leaves all as it was. A socket whose address is still configured is
         kept as it is, so connections queued on it are not lost; a removed service's
         children run on, and it is forgotten once they have exited.
         """
         pool = {lst.address.key: lst for r in self.records.values() for lst in r.listeners}
+        pool.update((lst.address.key, lst) for lst in self.metrics.listeners)
         plan: dict[str, list[Listener]] = {}
         fresh: list[Listener] = []
         try:
             for service in config.services:
                 plan[service.name] = [self._keep_or_open(pool, service, address, fresh)
                                       for address in service.listen]
+            scraped = [self._metrics_listener(pool, address, fresh)
+                       for address in (config.metrics.listen if config.metrics else ())]
         except OSError:
             for lst in fresh:
                 self._close_listener(lst)
@@ -150,6 +158,11 @@ class Supervisor:
                 tune(lst.sock, service)  # accepted connections inherit the options
         if config.daemon.max_children != self.pool.limit:
             self.pool = ChildPool(config.daemon.max_children)
+        if scraped and self.render_metrics is None:
+            from netd.metrics import Metrics  # prometheus_client: only when metrics are on
+
+            self.render_metrics = Metrics(self.status).render
+        self.metrics.serve(scraped, self.render_metrics)
         self.config = config
         self._deploy()
         self._forget_drained()
@@ -175,6 +188,16 @@ class Supervisor:
             fresh.append(lst)
         self.log.event("adopt" if adopted else "listen", service=service.name,
                        proto=address.proto, local=lst.local, mode=service.mode(address))
+        return lst
+
+    def _metrics_listener(self, pool: dict[tuple[object, ...], Listener], address: Address,
+                          fresh: list[Listener]) -> Listener:
+        kept = pool.pop(address.key, None)
+        if kept is not None:
+            return kept
+        sock = bind(address, MetricsEndpoint.BACKLOG, blocking=False)
+        lst = Listener(address, sock, describe(sock.getsockname(), sock.family))
+        fresh.append(lst)
         return lst
 
     def _close_listener(self, lst: Listener) -> None:
@@ -232,6 +255,7 @@ class Supervisor:
             result = {"ok": True, **changes}
         self.control.ensure()
         self.last_reload = {"time": time.time(), **result}
+        self.reloads["ok" if result["ok"] else "error"] += 1
         if result["ok"]:
             for warning in self.config.warnings:
                 self.log.event("config", "warning", msg=warning)
@@ -289,6 +313,7 @@ class Supervisor:
         self.stopping = reason
         self.notifier.stopping()
         self.control.close()
+        self.metrics.close()
         for record in self.records.values():
             for lst in record.listeners:
                 self._close_listener(lst)
@@ -360,6 +385,10 @@ class Supervisor:
                 "started": self.started_wall,
                 "uptime_s": round(time.monotonic() - self.started_s, 3),
                 "children": sum(children.values()), "last_reload": self.last_reload,
+                "reloads": dict(self.reloads),
+                "log_dropped": {"supervisor": self.log.lost(),
+                                "spawners": self.spawners.log_lost},
+                "metrics": [lst.local for lst in self.metrics.listeners],
             },
             "services": [
                 {"name": name,
@@ -369,11 +398,13 @@ class Supervisor:
                              "mode": record.service.mode(lst.address),
                              "busy": str(lst.address) in held} for lst in record.listeners],
                  "children": children.get(name, 0), "accepted": _counts(counts, name).accepted,
-                 "refused": _counts(counts, name).refused}
+                 "refused": _counts(counts, name).refused,
+                 "refused_by": dict(_counts(counts, name).refused_by),
+                 "failed": _counts(counts, name).failed}
                 for name, record in self.records.items()
             ] + [{"name": off.name, "state": "disabled", "handler": off.handler,
                   "origin": off.origin, "listen": [], "children": 0, "accepted": 0,
-                  "refused": 0} for off in self.config.disabled],
+                  "refused": 0, "refused_by": {}, "failed": 0} for off in self.config.disabled],
         }
 
     def _status_line(self) -> str:
@@ -395,6 +426,7 @@ class Supervisor:
     def close_all(self) -> None:
         """Close every socket this supervisor holds (helpers and children are not touched)."""
         self.control.close()
+        self.metrics.close()
         for record in self.records.values():
             for lst in record.listeners:
                 self._close_listener(lst)

@@ -50,7 +50,8 @@ def readme_tables(titles: tuple[str, ...]) -> list[str]:
         for line in sections[title]:
             if line.startswith("|") and not set(line) <= set("|-: "):
                 cells.append(manpages.table_cells(line)[0])
-    return [c for c in cells if c not in ("command", "key", "key (per service, or in `defaults:`)")]
+    return [c for c in cells
+            if c not in ("command", "key", "key (per service, or in `defaults:`)", "metric")]
 
 
 def plain(cell: str) -> str:

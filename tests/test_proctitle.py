@@ -60,7 +60,8 @@ def test_every_kind_of_process_has_its_title(start_netd: Callable[..., Netd],
         peer = f"127.0.0.1:{held.getsockname()[1]}"
         child = sink.wait_for(event="accept", service="hold", peer=peer)["pid"]
         spawner = parent(child)
-        assert title(child) == f"netd: hold {peer}"
+        # The spawner logs the accept as soon as it forked the child.
+        wait_until(lambda: title(child) == f"netd: hold {peer}", "the handler child's title")
         assert title(spawner) == f"netd: spawner user={user_of(spawner)} (cat, echo, hold)"
         assert parent(spawner) == netd.proc.pid
         catting.sendall(b"x")

@@ -212,6 +212,13 @@ class DaemonConfig:
 
 
 @dataclass(frozen=True)
+class MetricsConfig:
+    """Where the supervisor serves its metrics: Prometheus' text format over HTTP."""
+
+    listen: tuple[Address, ...]
+
+
+@dataclass(frozen=True)
 class Config:
     """A whole, valid configuration."""
 
@@ -219,6 +226,7 @@ class Config:
     log: LogConfig = LogConfig()
     daemon: DaemonConfig = field(default_factory=DaemonConfig.default)
     services: tuple[Service, ...] = field(default_factory=tuple)
+    metrics: MetricsConfig | None = None  # off unless the config names an address
     disabled: tuple[Disabled, ...] = field(default_factory=tuple)
     # FILE:LINE: messages about what is not served and why (inetd.conf lines netd
     # cannot serve, problems of disabled services): said, but not fatal.

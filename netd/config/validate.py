@@ -35,6 +35,7 @@ from netd.config.model import (
     Disabled,
     Identity,
     LogConfig,
+    MetricsConfig,
     ProxyProtocol,
     Service,
     SocketFile,
@@ -44,8 +45,10 @@ from netd.handlers.builtins import BUILTINS
 from netd.logs import FACILITIES, SEVERITIES
 from netd.policy import AccessError, AccessList, Limits, parse_rate
 
-TOP_KEYS = ("log", "daemon", "include", "inetd", "defaults", "services")
+TOP_KEYS = ("log", "daemon", "metrics", "include", "inetd", "defaults", "services")
 DAEMON_KEYS = ("pidfile", "control", "stop_timeout", "max_children")
+METRICS_KEYS = ("listen",)
+METRICS_EXAMPLE = "tcp://127.0.0.1:9101"
 ACCESS_KEYS = ("allow", "deny")
 LIMIT_KEYS = ("instances", "per_source", "rate", "rate_pause")
 PROXY_KEYS = ("from", "timeout")
@@ -105,10 +108,12 @@ def load_config(path: str) -> Config:
         if service is not None:
             found.services.append(service)
     _inetd_services(root, path, sources, defaults, errors, found)
+    metrics = _metrics_config(root, found.services, errors)
     if errors.items:
         raise ConfigError(errors.items)
     return Config(path=path, log=log, daemon=daemon, services=tuple(found.services),
-                  disabled=tuple(found.disabled), warnings=tuple(found.warnings))
+                  metrics=metrics, disabled=tuple(found.disabled),
+                  warnings=tuple(found.warnings))
 
 def service_problems(name: str, body: dict[str, Any], where: Where) -> list[str]:
     """What validation finds wrong with one service `body` (netd's keys, as a YAML
@@ -225,6 +230,39 @@ def _daemon_config(root: Mapping, path: str, errors: _Errors) -> DaemonConfig:
     return DaemonConfig(pidfile=files["pidfile"], control=files["control"],
                         stop_timeout_s=default.stop_timeout_s if stop_timeout_s is None
                         else stop_timeout_s, max_children=max_children)
+
+
+def _metrics_config(root: Mapping, services: list[Service],
+                    errors: _Errors) -> MetricsConfig | None:
+    """`metrics: {listen: ADDRESS}`: stream addresses no service listens on; None when
+    the key is absent (metrics are off by default)."""
+    if root.get("metrics") is None:
+        return None
+    section = _get(root, "metrics", dict, "metrics", errors,
+                   f"a mapping such as {{listen: {METRICS_EXAMPLE}}}")
+    if section is None:
+        return None
+    _check_keys(section, METRICS_KEYS, "metrics.", errors)
+    if "listen" not in section:
+        errors.add(root.key_where["metrics"], "metrics.listen",
+                   f"is required (for example {METRICS_EXAMPLE})")
+        return None
+    where = section.key_where["listen"]
+    addresses = _listen(section, "metrics.", where, errors)
+    if not addresses:
+        return None
+    taken = {a.key: s.name for s in services for a in s.listen}
+    ok = True
+    for address in addresses:
+        if not address.is_stream:
+            errors.add(where, "metrics.listen", f"'{address.spec}' is a datagram address; "
+                       f"metrics are served over HTTP: tcp://HOST:PORT or unix:PATH")
+            ok = False
+        elif address.key in taken:
+            errors.add(where, "metrics.listen", f"{address} is where services."
+                       f"{taken[address.key]} listens; give metrics an address of their own")
+            ok = False
+    return MetricsConfig(tuple(addresses)) if ok else None
 
 
 def _service_sources(root: Mapping, path: str, errors: _Errors) -> dict[str, tuple[Mapping, Where]]:

@@ -118,9 +118,10 @@ class Supervisor:
         """Make the running services match `config`, touching only what differs.
 
         Every new socket (a service's or the metrics endpoint's) is bound before anything
-        is closed, so a failure (raised as OSError) leaves all as it was. A socket whose address is still configured is
-        kept as it is, so connections queued on it are not lost; a removed service's
-        children run on, and it is forgotten once they have exited.
+        is closed, so a failure (raised as OSError) leaves all as it was. A socket whose
+        address is still configured is kept as it is, so connections queued on it are not
+        lost; a removed service's children run on, and it is forgotten once they have
+        exited.
         """
         pool = {lst.address.key: lst for r in self.records.values() for lst in r.listeners}
         pool.update((lst.address.key, lst) for lst in self.metrics.listeners)

@@ -2,10 +2,10 @@
 command, checked by lintian, installed with apt in a booted Debian container
 (tests/e2e/container.py), then the administrator's day with it: the unit enabled and
 started by the install and serving nothing until told to, `man netd`, a service added
-in services.d and reloaded, a broken reload that keeps the old config, the logs,
-`netd start` on Debian's python-daemon, a package registering with update-inetd
-(fingerd) answering through netd with nothing else done and going away when removed,
-stop, and purge leaving nothing behind.
+in services.d and reloaded, a broken reload that keeps the old config, the logs, the
+process titles in `ps` and a metrics scrape, `netd start` on Debian's python-daemon, a
+package registering with update-inetd (fingerd) answering through netd with nothing
+else done and going away when removed, stop, and purge leaving nothing behind.
 
 Run as root with `pytest -m e2e tests/e2e`; without it the module is skipped. The
 package's build-dependencies (from debian/control) and lintian are installed on the
@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import tarfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from io import BytesIO
@@ -29,17 +30,20 @@ from container import (
     REPO,
     Admin,
     Container,
+    Held,
     booted,
     checkout_tar,
     free,
     tcp,
     wait_until,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1200)]
 
 UPPER, CAT, SHOUT, FINGER = 7020, 7022, 7023, 79
-HOST_PORTS = [("tcp", UPPER), ("tcp", CAT), ("tcp", SHOUT), ("tcp", FINGER)]
+HELLO, POOLED, METRICS = 7024, 7025, 9101
+HOST_PORTS = [("tcp", port) for port in (UPPER, CAT, SHOUT, FINGER, HELLO, POOLED, METRICS)]
 # The build runs with Debian's own tools and Python, whatever the caller's PATH holds
 # (a virtualenv's python3 would be the one pybuild runs otherwise).
 CLEAN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root", "LANG": "C.UTF-8",
@@ -134,7 +138,8 @@ def test_debian_administrators_day(box: Container, built: Built) -> None:
     # 1. apt installs the package with Debian's Python libraries, enables and starts
     #    netd, which serves nothing: no demo port is opened by a package.
     out = apt(admin, f"install /root/{built.deb.name}")
-    for dependency in ("python3-yaml", "python3-systemd", "python3-daemon"):
+    for dependency in ("python3-yaml", "python3-systemd", "python3-daemon",
+                       "python3-setproctitle", "python3-prometheus-client"):
         assert admin.sh(f"dpkg-query -W -f='${{Status}}' {dependency}").stdout \
             == "install ok installed", out
     assert admin.sh("readlink -f \"$(command -v netd)\"").stdout.strip() == "/usr/bin/netd"
@@ -190,6 +195,56 @@ def test_debian_administrators_day(box: Container, built: Built) -> None:
     assert "typo.yaml:2" in shown, shown
     admin.sh("rm /etc/netd/services.d/typo.yaml && systemctl reload netd")
     timings["bad reload"] = time.monotonic() - t0
+
+    # 4b. Watching it: `ps` tells netd's processes apart by their titles, and a metrics
+    #     address added to netd.yaml is scraped (from the host) and parses.
+    admin.sh(f"echo 'metrics: {{listen: \"tcp://127.0.0.1:{METRICS}\"}}' "
+             ">> /etc/netd/netd.yaml")
+    admin.write("/etc/netd/services.d/watch.yaml", f"""\
+        services:
+          hello:
+            listen: tcp://127.0.0.1:{HELLO}
+            python: netd.examples.hello:handle
+          pooled:
+            listen: tcp://127.0.0.1:{POOLED}
+            python: netd.examples.upper:handle
+            workers: 1
+        """)
+    admin.sh("systemctl reload netd")
+    held = Held(HELLO)  # the handler waits for a line: its child stays
+    try:
+        assert held.sock.recv(4096).startswith(b"hello ")
+        peer = f"127.0.0.1:{held.sock.getsockname()[1]}"
+        expected = ["root netd: supervisor -c /etc/netd/netd.yaml",
+                    "nobody netd: spawner user=nobody (hello, upper)",
+                    "nobody netd: worker pooled",
+                    f"nobody netd: hello {peer}"]
+
+        def titles() -> list[str]:
+            lines = admin.sh("ps -e -o user=,args=").stdout.splitlines()
+            return [" ".join(line.split()) for line in lines if " netd: " in line]
+
+        wait_until(f"the titles {expected}", lambda: sorted(titles()) == sorted(expected),
+                   diagnose=lambda: "\n".join(titles()))
+        text = wait_until("a scrape", lambda: urllib.request.urlopen(
+            f"http://127.0.0.1:{METRICS}/metrics", timeout=10).read().decode())
+        assert isinstance(text, str)
+        found = {(s.name, tuple(sorted(s.labels.items()))): s.value
+                 for family in text_string_to_metric_families(text) for s in family.samples}
+        for name, labels, count in (
+                ("netd_connections_accepted_total", {"service": "upper"}, 2),
+                ("netd_connections_accepted_total", {"service": "hello"}, 1),
+                ("netd_children", {"service": "hello"}, 1),
+                ("netd_reloads_total", {"result": "error"}, 1),
+                ("netd_info", {"config": "/etc/netd/netd.yaml",
+                               "version": admin.sh("netd --version").stdout.split()[1]}, 1)):
+            assert found.get((name, tuple(sorted(labels.items())))) == count, (name, text)
+        held.sock.sendall(b"bye\n")
+        assert held.sock.recv(4096) == b"you said: bye\n"
+    finally:
+        held.close()
+    admin.sh("rm /etc/netd/services.d/watch.yaml && systemctl reload netd")
+    timings["titles + metrics"] = time.monotonic() - t0
 
     # 5. A change to /etc/inetd.conf, here by update-inetd as packages make it, reloads
     #    netd through netd-inetd.path, with nothing else done.
@@ -260,7 +315,7 @@ def test_debian_administrators_day(box: Container, built: Built) -> None:
     # 8. Stop, then purge: nothing the package created is left.
     admin.sh("systemctl stop netd")
     assert admin.state() == "inactive" and admin.cgroup_pids() == [], admin.diagnose()
-    for port in (UPPER, CAT, SHOUT):
+    for port in (UPPER, CAT, SHOUT, METRICS):
         assert free("tcp", port), port
     apt(admin, "purge netd")
     # The administrator's own file stays, as dpkg leaves files it did not install.

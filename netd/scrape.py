@@ -164,10 +164,9 @@ class MetricsEndpoint:
                     lst.pause("resources")
                     self.loop.after(SHORTAGE_PAUSE_S, lambda: lst.resume("resources"))
                 return
-            if len(self.waiting) + len(self.replies) >= MAX_SCRAPERS:
+            if (len(self.waiting) + len(self.replies) >= MAX_SCRAPERS
+                    or not self.waiting.wait(HttpRequest(conn), READ_TIMEOUT_S, LATE)):
                 conn.close()  # scrapers are few: this many at once are stuck or hostile
-                continue
-            self.waiting.wait(HttpRequest(conn), READ_TIMEOUT_S, LATE)
 
     def _answer(self, request: HttpRequest, method_target: tuple[str, str]) -> None:
         method, target = method_target

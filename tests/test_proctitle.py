@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import pwd
 import signal
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
@@ -68,6 +69,25 @@ def test_every_kind_of_process_has_its_title(start_netd: Callable[..., Netd],
         assert catting.recv(1) == b"x"
         cat_child = sink.wait_for(event="accept", service="cat")["pid"]
         assert title(cat_child) == "/bin/cat"
+        held.sendall(b"done\n")
+        assert recv_all(held) == b"waiting done\n"
+
+
+def test_a_handler_child_on_a_unix_socket_names_its_client(
+        start_netd: Callable[..., Netd], sink: SyslogSink, tmp_path: Path) -> None:
+    """On a unix socket the client is its pid (SO_PEERCRED)."""
+    path = tmp_path / "hold.sock"
+    start_netd(f"""
+        services:
+          hold: {{listen: "unix:{path}", python: "svc_handlers:boom_or_echo"}}
+        """)
+    with socket.socket(socket.AF_UNIX) as held:
+        held.settimeout(10)
+        held.connect(str(path))
+        held.sendall(b"waiting ")
+        child = sink.wait_for(event="accept", service="hold")["pid"]
+        expected = f"netd: hold unix pid={os.getpid()}"
+        wait_until(lambda: title(child) == expected, f"the title {expected!r}")
         held.sendall(b"done\n")
         assert recv_all(held) == b"waiting done\n"
 

@@ -23,25 +23,29 @@ PREFIX = "netd: "
 SERVICES_SHOWN = 3  # a spawner of more services names these, then "+N more"
 
 
-def _loaded() -> Callable[[str], None] | None:
+def _loaded() -> tuple[Callable[[str], None], Callable[[str], None]] | None:
     try:
-        from setproctitle import setproctitle
+        from setproctitle import setproctitle, setthreadtitle
     except ImportError:
         return None
-    return setproctitle
+    return setproctitle, setthreadtitle
 
 
-_set_title = _loaded()
+_setters = _loaded()
 
 
-def _set(title: str) -> None:
-    if _set_title is not None:
-        _set_title(PREFIX + title)
+def _set(title: str, name: str) -> None:
+    """`title` is what `ps -o args` shows; `name` (at most 15 bytes, no space, so
+    that `ps -C`, `top` and tools reading /proc/PID/stat see one word) is the comm."""
+    if _setters is not None:
+        set_title, set_name = _setters
+        set_title(PREFIX + title)
+        set_name(name)  # after the title, which sets the comm to its own first bytes
 
 
 def supervisor(config_path: str) -> None:
     """`netd: supervisor -c /etc/netd/netd.yaml`."""
-    _set(f"supervisor -c {config_path}")
+    _set(f"supervisor -c {config_path}", "netd-supervisor")
 
 
 def spawner(user: str | None, services: Sequence[str], leaving: str | None = None) -> None:
@@ -51,12 +55,12 @@ def spawner(user: str | None, services: Sequence[str], leaving: str | None = Non
     if len(services) > SERVICES_SHOWN:
         names += f", +{len(services) - SERVICES_SHOWN} more"
     state = {"retire": " retiring", "stop": " stopping"}.get(leaving or "", "")
-    _set(f"spawner user={user or _user_name()} ({names}){state}")
+    _set(f"spawner user={user or _user_name()} ({names}){state}", "netd-spawner")
 
 
 def worker(service: str) -> None:
     """`netd: worker hello`: a prefork worker of a service."""
-    _set(f"worker {service}")
+    _set(f"worker {service}", "netd-worker")
 
 
 def handler(service: str, conn: socket.socket, remote: object) -> None:
@@ -76,7 +80,7 @@ def handler(service: str, conn: socket.socket, remote: object) -> None:
             who = f"unix pid={struct.unpack('3i', creds)[0]}"
     else:
         who = describe(remote, conn.family)
-    _set(f"{service} {who}")
+    _set(f"{service} {who}", "netd-handler")
 
 
 def _user_name() -> str:

@@ -31,6 +31,11 @@ def title(pid: int | str) -> str:
     return raw.rstrip(b"\0").replace(b"\0", b" ").decode()
 
 
+def comm(pid: int | str) -> str:
+    """What `ps -e`, `top` and /proc/PID/stat show: one word."""
+    return Path(f"/proc/{pid}/comm").read_text().rstrip("\n")
+
+
 def parent(pid: int | str) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
@@ -53,6 +58,7 @@ def test_every_kind_of_process_has_its_title(start_netd: Callable[..., Netd],
           pooled: {{listen: "tcp://127.0.0.1:{pooled}", builtin: echo, workers: 1}}
         """)
     assert title(netd.proc.pid) == f"netd: supervisor -c {netd.config}"
+    assert comm(netd.proc.pid) == "netd-supervisor"
     worker = sink.wait_for(event="worker", service="pooled")["pid"]
     # The supervisor logs the worker as soon as it forked it.
     wait_until(lambda: title(worker) == "netd: worker pooled", "the worker's title")
@@ -64,6 +70,8 @@ def test_every_kind_of_process_has_its_title(start_netd: Callable[..., Netd],
         # The spawner logs the accept as soon as it forked the child.
         wait_until(lambda: title(child) == f"netd: hold {peer}", "the handler child's title")
         assert title(spawner) == f"netd: spawner user={user_of(spawner)} (cat, echo, hold)"
+        assert (comm(spawner), comm(child), comm(worker)) == (
+            "netd-spawner", "netd-handler", "netd-worker")
         assert parent(spawner) == netd.proc.pid
         catting.sendall(b"x")
         assert catting.recv(1) == b"x"
@@ -155,5 +163,5 @@ def test_netd_runs_without_setproctitle(start_netd: Callable[..., Netd], sink: S
 def test_titles_are_set_when_setproctitle_is_there() -> None:
     """setproctitle is a dependency of netd (setup.cfg, debian/control through it): the
     tests run with it."""
-    assert proctitle._set_title is not None, "setproctitle is not installed"
+    assert proctitle._setters is not None, "setproctitle is not installed"
     assert "setproctitle" in (REPO / "setup.cfg").read_text()

@@ -409,9 +409,11 @@ class Admin:
 
     def ancestors(self, pid: int) -> list[int]:
         """pid and its parents, from inside the container's pid namespace."""
+        # The parent is the second field after the command's ")": a command (a process
+        # title) may hold spaces and parentheses itself.
         chain = self.sh(f"p={pid}; while [ \"$p\" -gt 1 ]; do echo $p; "
-                        "p=$(awk '{print $4}' /proc/$p/stat 2>/dev/null || echo 0); done",
-                        check=False).stdout.split()
+                        "p=$(sed 's/.*) [A-Za-z] \\([0-9]*\\) .*/\\1/' /proc/$p/stat "
+                        "2>/dev/null || echo 0); done", check=False).stdout.split()
         return [int(p) for p in chain]
 
     def listeners(self, port: int) -> str:

@@ -280,14 +280,20 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
+# The process names netd.proctitle gives netd's spawners and workers.
+HELPER_NAMES = ("netd-spawner", "netd-worker")
+
+
 def helpers(pid: int) -> list[int]:
-    """Long-lived Python children of pid (netd's spawners or workers), not exec'd programs."""
+    """Long-lived Python children of pid (netd's spawners or workers), not exec'd programs:
+    by their names, or, without setproctitle, by their parent's name."""
     try:
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except OSError:
         return []
     comm = proc_status(pid).get("Name", "").strip()
-    return [int(c) for c in children if proc_status(int(c)).get("Name", "").strip() == comm]
+    names = {int(c): proc_status(int(c)).get("Name", "").strip() for c in children}
+    return [c for c, name in names.items() if name == comm or name in HELPER_NAMES]
 
 
 class CpuSplit:

@@ -123,6 +123,8 @@ class Supervisor:
         lost; a removed service's children run on, and it is forgotten once they have
         exited.
         """
+        if config.metrics is not None and self.render_metrics is None:
+            self.render_metrics = self._load_metrics()
         pool = {lst.address.key: lst for r in self.records.values() for lst in r.listeners}
         pool.update((lst.address.key, lst) for lst in self.metrics.listeners)
         plan: dict[str, list[Listener]] = {}
@@ -159,10 +161,6 @@ class Supervisor:
                 tune(lst.sock, service)  # accepted connections inherit the options
         if config.daemon.max_children != self.pool.limit:
             self.pool = ChildPool(config.daemon.max_children)
-        if scraped and self.render_metrics is None:
-            from netd.metrics import Metrics  # prometheus_client: only when metrics are on
-
-            self.render_metrics = Metrics(self.status).render
         self.metrics.serve(scraped, self.render_metrics)
         self.config = config
         self._deploy()
@@ -190,6 +188,16 @@ class Supervisor:
         self.log.event("adopt" if adopted else "listen", service=service.name,
                        proto=address.proto, local=lst.local, mode=service.mode(address))
         return lst
+
+    def _load_metrics(self) -> Render:
+        """What makes the metrics page. prometheus_client is imported only now, when a
+        config first turns metrics on: a supervisor without them does not carry it."""
+        try:
+            from netd.metrics import Metrics
+        except ImportError as e:
+            raise OSError(f"metrics need prometheus_client (python3-prometheus-client): "
+                          f"{e}") from None
+        return Metrics(self.status).render
 
     def _metrics_listener(self, pool: dict[tuple[object, ...], Listener], address: Address,
                           fresh: list[Listener]) -> Listener:

@@ -95,7 +95,7 @@ def test_a_scrape_counts_what_happened(start_netd: Callable[..., Netd], sink: Sy
         """)
     listening = sink.wait_for(event="metrics", local=f"127.0.0.1:{mport}")
     assert list(listening) == ["event", "local", "path"] and listening["path"] == "/metrics"
-    text, content_type = scrape_page(mport)
+    _, content_type = scrape_page(mport)
     assert content_type.startswith("text/plain; version="), content_type
     first = samples(mport)
     assert value(first, "netd_info", version="0.1.0", config=str(netd.config)) == 1
@@ -405,4 +405,21 @@ def test_prometheus_client_is_loaded_only_with_metrics(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             env=netd_env(), cwd=REPO, timeout=30)
     assert result.stdout.split() == ["off", "False", "on", "True"], result.stderr
-    assert os.path.exists(REPO / "netd" / "metrics.py")
+
+
+def test_metrics_without_prometheus_client_is_a_clean_error(tmp_path: Path,
+                                                           sink: SyslogSink) -> None:
+    """prometheus_client is a dependency, but a system without it gets a message naming
+    it (exit 71, as for an address netd cannot use), not a traceback."""
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "prometheus_client.py").write_text("raise ImportError('not installed here')\n")
+    (port,) = distinct_ports(1)
+    config = write_config(tmp_path, f'metrics: {{listen: "tcp://127.0.0.1:{port}"}}\n', sink)
+    env = netd_env()
+    env["PYTHONPATH"] = os.pathsep.join([str(shadow), env["PYTHONPATH"]])
+    result = subprocess.run([sys.executable, "-m", "netd", "run", "-c", str(config)],
+                            capture_output=True, text=True, env=env, timeout=30)
+    assert result.returncode == 71, result.stderr
+    assert "metrics need prometheus_client (python3-prometheus-client)" in result.stderr
+    assert "Traceback" not in result.stderr, result.stderr

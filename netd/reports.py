@@ -15,13 +15,12 @@ from __future__ import annotations
 import json
 import socket
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 BATCH_MAX = 200  # entries; a fuller batch is sent at once
 
 
-@dataclass(frozen=True)
-class Started:
+class Started(NamedTuple):
     """A child as the supervisor keeps it: enough to count it in a later spawner and
     to log its exit if its own spawner dies first."""
 

@@ -29,7 +29,14 @@ from netd.handlers.python import load_handler
 from netd.logs import Log
 from netd.peer import Peer
 
-ALL_SIGNALS = tuple(s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP))
+
+def ignored_signals() -> tuple[signal.Signals, ...]:
+    """The signals this process ignores: the only ones exec does not reset by itself
+    (a handled signal reverts to its default in the new program, an ignored one stays
+    ignored), so the only ones a spawned child needs reset."""
+    return tuple(sig for sig in signal.valid_signals()
+                 if sig not in (signal.SIGKILL, signal.SIGSTOP)
+                 and signal.getsignal(sig) == signal.SIG_IGN)
 
 
 def exec_env(service: Service, peer: Peer) -> dict[str, str]:
@@ -48,13 +55,15 @@ def exec_env(service: Service, peer: Peer) -> dict[str, str]:
 
 
 def spawn_exec(program: str, argv: tuple[str, ...], env: dict[str, str], conn_fd: int,
-               stderr_fd: int) -> int:
+               stderr_fd: int, ignored: tuple[signal.Signals, ...]) -> int:
     """Start `program` with `argv` (argv[0] may name another program, as tcpd wants) and
     conn_fd as stdin and stdout; returns the child's pid.
 
     Every other fd of its parent is close-on-exec (Python's default), so the
-    program holds exactly 0, 1 and 2. It gets default signal dispositions, an empty
-    signal mask and its own session, so a Ctrl-C at netd's terminal reaches netd only.
+    program holds exactly 0, 1 and 2. It gets default signal dispositions (`ignored`,
+    from ignored_signals(), are reset: the parent waits while the child resets each
+    one), an empty signal mask and its own session, so a Ctrl-C at netd's terminal
+    reaches netd only.
     """
     return os.posix_spawn(
         program, argv, env,
@@ -63,7 +72,7 @@ def spawn_exec(program: str, argv: tuple[str, ...], env: dict[str, str], conn_fd
             (os.POSIX_SPAWN_DUP2, conn_fd, 1),
             (os.POSIX_SPAWN_DUP2, stderr_fd, 2),
         ],
-        setsigdef=ALL_SIGNALS,
+        setsigdef=ignored,
         setsigmask=(),
         setsid=True,
     )

@@ -38,7 +38,14 @@ from netd.peer import Peer, accept_fields, describe, refuse_fields
 from netd.policy import Counters, RateWindow, Refuse, check_rate, decide, source_key
 from netd.proxywait import ProxyGate
 from netd.reports import Reporter, Started, read_notes
-from netd.spawn import exec_env, fork_handler, serve_python, signal_group, spawn_exec
+from netd.spawn import (
+    exec_env,
+    fork_handler,
+    ignored_signals,
+    serve_python,
+    signal_group,
+    spawn_exec,
+)
 from netd.stderr import StderrPipe
 
 ACCEPTS_PER_WAKEUP = 64
@@ -75,6 +82,7 @@ class Served:
     stderr: StderrPipe | None = None
     state: str = "listening"
     resume_at: Timer | None = None
+    running: int = 0  # children of its own this spawner started and has not reaped
 
 
 class Spawner:
@@ -88,6 +96,7 @@ class Spawner:
         self.loop = EventLoop()
         self.children = ChildTable()
         self.streams: set[InlineStream] = set()
+        self.ignored: tuple[signal.Signals, ...] = ()  # what a spawned child must reset
         self.leaving: str | None = None  # "retire" or "stop"
         self.report = Reporter(link)
         self.served = {service.name: Served(service, listeners)
@@ -108,6 +117,7 @@ class Spawner:
         for sig in (signal.SIGCHLD, signal.SIGTERM):
             signal.signal(sig, _note_signal)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        self.ignored = ignored_signals()
         self.loop.watch(wake_r, lambda: self._signals(wake_r))
         self.link.setblocking(False)
         self.loop.watch(self.link, self._notes)
@@ -219,7 +229,7 @@ class Spawner:
             if service.kind == "exec":
                 stderr = served.stderr.write_fd if served.stderr is not None else self.devnull
                 return spawn_exec(service.program or service.argv[0], service.argv,
-                                  exec_env(service, peer), sock.fileno(), stderr)
+                                  exec_env(service, peer), sock.fileno(), stderr, self.ignored)
             return fork_handler(lambda: serve_python(service, sock, remote),
                                 [sock.fileno(), *self.log.fds()], self.log, service.name)
         except OSError as e:
@@ -233,6 +243,7 @@ class Spawner:
                  mode: str | None) -> None:
         service = served.service
         self.children.add(child)
+        served.running += 1
         self.report.accepted(service.name)
         if service.max_duration_s is not None:
             child.deadline = self.loop.after(
@@ -403,11 +414,12 @@ class Spawner:
                 if str(listener.address) == child.wait_key:
                     listener.resume("busy")
             self._note_state(served)
-        if served.stderr is not None and not any(c.service == child.service
-                                                 for c in self.children if c.own):
-            # The pipe is shared by the service's children: with none left, a last line
-            # without its newline is complete.
-            served.stderr.drain()
+        if child.own:
+            served.running -= 1
+            if served.stderr is not None and not served.running:
+                # The pipe is shared by the service's children: with none left, a last
+                # line without its newline is complete.
+                served.stderr.drain()
 
     def _expire(self, child: Child, sig: signal.Signals) -> None:
         """A child ran past max_duration: SIGTERM, then SIGKILL KILL_GRACE_S later."""

@@ -54,28 +54,65 @@ def exec_env(service: Service, peer: Peer) -> dict[str, str]:
     return env
 
 
-def spawn_exec(program: str, argv: tuple[str, ...], env: dict[str, str], conn_fd: int,
-               stderr_fd: int, ignored: tuple[signal.Signals, ...]) -> int:
-    """Start `program` with `argv` (argv[0] may name another program, as tcpd wants) and
-    conn_fd as stdin and stdout; returns the child's pid.
+class ExecSpawn:
+    """Starts programs with libc's posix_spawn (vfork + exec), called through ctypes so
+    that the GIL is released while the parent waits for the child to exec: a spawner
+    calls it from a thread of its own, and its loop accepts and logs meanwhile (the
+    wait is most of a spawn, and os.posix_spawn holds the GIL through it).
 
-    Every other fd of its parent is close-on-exec (Python's default), so the
-    program holds exactly 0, 1 and 2. It gets default signal dispositions (`ignored`,
-    from ignored_signals(), are reset: the parent waits while the child resets each
-    one), an empty signal mask and its own session, so a Ctrl-C at netd's terminal
-    reaches netd only.
+    Each child gets the connection as fd 0 and 1 and the stderr target as fd 2; every
+    other fd of its parent is close-on-exec (Python's default), so the program holds
+    exactly 0, 1 and 2. It gets default signal dispositions (exec resets handled
+    signals by itself; `ignored`, from ignored_signals(), are reset by the child while
+    its parent waits), an empty signal mask and its own session, so a Ctrl-C at netd's
+    terminal reaches netd only.
     """
-    return os.posix_spawn(
-        program, argv, env,
-        file_actions=[
-            (os.POSIX_SPAWN_DUP2, conn_fd, 0),
-            (os.POSIX_SPAWN_DUP2, conn_fd, 1),
-            (os.POSIX_SPAWN_DUP2, stderr_fd, 2),
-        ],
-        setsigdef=ignored,
-        setsigmask=(),
-        setsid=True,
-    )
+
+    def __init__(self, ignored: tuple[signal.Signals, ...]) -> None:
+        # The attributes are the same for every child: made once, only read by spawns.
+        self.attr = ctypes.create_string_buffer(_SPAWN_STRUCT_BYTES)
+        self.reset = ctypes.create_string_buffer(_SIGSET_BYTES)
+        self.mask = ctypes.create_string_buffer(_SIGSET_BYTES)
+        _LIBC.posix_spawnattr_init(self.attr)
+        _LIBC.sigemptyset(self.reset)
+        for sig in ignored:
+            _LIBC.sigaddset(self.reset, int(sig))
+        _LIBC.sigemptyset(self.mask)
+        _LIBC.posix_spawnattr_setsigdefault(self.attr, self.reset)
+        _LIBC.posix_spawnattr_setsigmask(self.attr, self.mask)
+        _LIBC.posix_spawnattr_setflags(self.attr, _SETSIGDEF | _SETSIGMASK | _SETSID)
+
+    def __call__(self, program: str, argv: tuple[str, ...], env: dict[str, str],
+                 conn_fd: int, stderr_fd: int) -> int:
+        """Start `program` with `argv` (argv[0] may name another program, as tcpd wants)
+        on conn_fd; returns the child's pid, or raises OSError."""
+        actions = ctypes.create_string_buffer(_SPAWN_STRUCT_BYTES)
+        _LIBC.posix_spawn_file_actions_init(actions)
+        try:
+            _LIBC.posix_spawn_file_actions_adddup2(actions, conn_fd, 0)
+            _LIBC.posix_spawn_file_actions_adddup2(actions, conn_fd, 1)
+            _LIBC.posix_spawn_file_actions_adddup2(actions, stderr_fd, 2)
+            pid = ctypes.c_int()
+            failed = _LIBC.posix_spawn(ctypes.byref(pid), os.fsencode(program), actions,
+                                       self.attr, _strings(argv),
+                                       _strings([f"{k}={v}" for k, v in env.items()]))
+        finally:
+            _LIBC.posix_spawn_file_actions_destroy(actions)
+        if failed:
+            raise OSError(failed, os.strerror(failed), program)
+        return pid.value
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+# glibc's posix_spawnattr_t is 336 bytes and posix_spawn_file_actions_t 80: room to spare.
+_SPAWN_STRUCT_BYTES = 1024
+_SIGSET_BYTES = 128
+_SETSIGDEF, _SETSIGMASK, _SETSID = 0x04, 0x08, 0x80  # POSIX_SPAWN_* in glibc's spawn.h
+
+
+def _strings(items: list[str] | tuple[str, ...]) -> ctypes.Array[ctypes.c_char_p]:
+    """A NULL-terminated array of C strings, as argv and envp are."""
+    return (ctypes.c_char_p * (len(items) + 1))(*(os.fsencode(item) for item in items), None)
 
 
 def fork_helper(main: Callable[[], None], keep_fds: list[int], identity: Identity,

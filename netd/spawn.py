@@ -58,7 +58,8 @@ class ExecSpawn:
     """Starts programs with libc's posix_spawn (vfork + exec), called through ctypes so
     that the GIL is released while the parent waits for the child to exec: a spawner
     calls it from a thread of its own, and its loop accepts and logs meanwhile (the
-    wait is most of a spawn, and os.posix_spawn holds the GIL through it).
+    wait is most of a spawn, and os.posix_spawn holds the GIL through it). Everything
+    else is done holding the GIL: each release costs a hand-over between the threads.
 
     Each child gets the connection as fd 0 and 1 and the stderr target as fd 2; every
     other fd of its parent is close-on-exec (Python's default), so the program holds
@@ -69,41 +70,50 @@ class ExecSpawn:
     """
 
     def __init__(self, ignored: tuple[signal.Signals, ...]) -> None:
-        # The attributes are the same for every child: made once, only read by spawns.
+        # The attributes and each program's argv are the same for every child: made
+        # once, and only read by spawns.
         self.attr = ctypes.create_string_buffer(_SPAWN_STRUCT_BYTES)
         self.reset = ctypes.create_string_buffer(_SIGSET_BYTES)
         self.mask = ctypes.create_string_buffer(_SIGSET_BYTES)
-        _LIBC.posix_spawnattr_init(self.attr)
-        _LIBC.sigemptyset(self.reset)
+        _HOLDING.posix_spawnattr_init(self.attr)
+        _HOLDING.sigemptyset(self.reset)
         for sig in ignored:
-            _LIBC.sigaddset(self.reset, int(sig))
-        _LIBC.sigemptyset(self.mask)
-        _LIBC.posix_spawnattr_setsigdefault(self.attr, self.reset)
-        _LIBC.posix_spawnattr_setsigmask(self.attr, self.mask)
-        _LIBC.posix_spawnattr_setflags(self.attr, _SETSIGDEF | _SETSIGMASK | _SETSID)
+            _HOLDING.sigaddset(self.reset, int(sig))
+        _HOLDING.sigemptyset(self.mask)
+        _HOLDING.posix_spawnattr_setsigdefault(self.attr, self.reset)
+        _HOLDING.posix_spawnattr_setsigmask(self.attr, self.mask)
+        _HOLDING.posix_spawnattr_setflags(self.attr, _SETSIGDEF | _SETSIGMASK | _SETSID)
+        self.programs: dict[tuple[str, tuple[str, ...]],
+                            tuple[bytes, ctypes.Array[ctypes.c_char_p]]] = {}
 
     def __call__(self, program: str, argv: tuple[str, ...], env: dict[str, str],
                  conn_fd: int, stderr_fd: int) -> int:
         """Start `program` with `argv` (argv[0] may name another program, as tcpd wants)
         on conn_fd; returns the child's pid, or raises OSError."""
+        made = self.programs.get((program, argv))
+        if made is None:
+            made = self.programs[(program, argv)] = (os.fsencode(program), _strings(argv))
         actions = ctypes.create_string_buffer(_SPAWN_STRUCT_BYTES)
-        _LIBC.posix_spawn_file_actions_init(actions)
+        _HOLDING.posix_spawn_file_actions_init(actions)
         try:
-            _LIBC.posix_spawn_file_actions_adddup2(actions, conn_fd, 0)
-            _LIBC.posix_spawn_file_actions_adddup2(actions, conn_fd, 1)
-            _LIBC.posix_spawn_file_actions_adddup2(actions, stderr_fd, 2)
+            _HOLDING.posix_spawn_file_actions_adddup2(actions, conn_fd, 0)
+            _HOLDING.posix_spawn_file_actions_adddup2(actions, conn_fd, 1)
+            _HOLDING.posix_spawn_file_actions_adddup2(actions, stderr_fd, 2)
             pid = ctypes.c_int()
-            failed = _LIBC.posix_spawn(ctypes.byref(pid), os.fsencode(program), actions,
-                                       self.attr, _strings(argv),
-                                       _strings([f"{k}={v}" for k, v in env.items()]))
+            failed = _RELEASING.posix_spawn(ctypes.byref(pid), made[0], actions, self.attr,
+                                            made[1], _strings([f"{k}={v}"
+                                                               for k, v in env.items()]))
         finally:
-            _LIBC.posix_spawn_file_actions_destroy(actions)
+            _HOLDING.posix_spawn_file_actions_destroy(actions)
         if failed:
             raise OSError(failed, os.strerror(failed), program)
         return pid.value
 
 
-_LIBC = ctypes.CDLL(None, use_errno=True)
+# libc twice: through CDLL a call releases the GIL (for posix_spawn's wait), through
+# PyDLL it keeps it (for the quick calls around it).
+_RELEASING = ctypes.CDLL(None, use_errno=True)
+_HOLDING = ctypes.PyDLL(None, use_errno=True)
 # glibc's posix_spawnattr_t is 336 bytes and posix_spawn_file_actions_t 80: room to spare.
 _SPAWN_STRUCT_BYTES = 1024
 _SIGSET_BYTES = 128

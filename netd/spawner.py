@@ -101,7 +101,7 @@ class Spawner:
         self.early_exits: dict[int, int] = {}  # pid: status, reaped before known started
         self.held: set[Listener] = set()  # paused while the spawn thread catches up
         self.leaving: str | None = None  # "retire" or "stop"
-        self.report = Reporter(link)
+        self.report = Reporter(link, self.loop)
         self.served = {service.name: Served(service, listeners)
                        for service, listeners in plan.services}
         self.proxies: ProxyGate[tuple[Served, Listener]] = ProxyGate(
@@ -131,7 +131,8 @@ class Spawner:
         self.report.ready()
         self._reap()  # a child that ended before the handlers were in place
         while not self._done():
-            self.report.flush()  # what this wake-up did, in one batch
+            self.spawns.collect()
+            self.report.send_due()  # what this wake-up did, in a batch now or soon
             self.log.pump(self.loop)
             self.loop.run_once()
         self.report.flush()
@@ -498,6 +499,8 @@ class Spawner:
                 self.leave("retire")
             elif "stop" in note:
                 self.leave("stop", float(note["stop"]))
+            if "sync" in note:
+                self.report.sync(int(note["sync"]))
             for pid in note.get("ended", ()):
                 child = self.children.pop(int(pid))
                 if child is not None:

@@ -9,6 +9,7 @@ reported, and what each service accepted and refused.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import time
@@ -28,6 +29,7 @@ from netd.spawner import Plan, Spawner
 RESTART_S = 0.2       # a spawner that died is replaced after this, doubling
 RESTART_MAX_S = 30.0  # while its replacements keep dying young,
 STABLE_S = 10.0       # that is, within this long
+SYNC_TIMEOUT_S = 0.5  # how long counters shown may wait for the spawners' latest
 
 Group = tuple[tuple[Service, tuple[Listener, ...]], ...]  # the services of one identity
 
@@ -41,6 +43,7 @@ class SpawnerHandle:
         self.loop = loop
         self.on_batch = on_batch
         self.retired = False
+        self.synced = 0  # the last sync note it answered
         # The spawners it takes over from: they serve on until it is ready.
         self.replaces: list[SpawnerHandle] = []
         self.link, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -79,7 +82,21 @@ class SpawnerHandle:
             if not data:  # it has left (its exit is reaped through SIGCHLD)
                 self.loop.unwatch(self.link)
                 return
-            self.on_batch(self, Batch.decode(data))
+            batch = Batch.decode(data)
+            if batch.synced is not None:
+                self.synced = batch.synced
+            self.on_batch(self, batch)
+
+    def read_until_synced(self, number: int, deadline_s: float) -> None:
+        """Take in batches until the one answering sync note `number` (or the deadline)."""
+        while self.synced < number and self.link.fileno() >= 0:
+            left_s = deadline_s - time.monotonic()
+            if left_s <= 0 or not select.select([self.link], [], [], left_s)[0]:
+                return
+            before = self.synced
+            self.read()
+            if self.synced == before and not self.loop.watching(self.link):
+                return  # it has left
 
     def retire(self) -> None:
         """Stop accepting, let the children finish, then leave."""
@@ -139,6 +156,7 @@ class Spawners:
         self.pool = ChildPool(None)
         self.stop_timeout_s = 0.0
         self.stopping = False
+        self.syncs = 0
 
     def deploy(self, groups: dict[Identity, Group], pool: ChildPool,
                stop_timeout_s: float) -> None:
@@ -206,10 +224,16 @@ class Spawners:
         if current is not None and current is not reporter:
             current.ended(pids)
 
-    def read(self) -> None:
-        """Take in what every spawner has reported so far (so counters are current)."""
-        for spawner in list(self.by_pid.values()):
-            spawner.read()
+    def sync(self) -> None:
+        """Take in everything every spawner has noted so far (so that counters shown or
+        carried over a reload are current): ask each, and wait for the answers, at most
+        SYNC_TIMEOUT_S in all (a spawner that does not answer is not waited for)."""
+        self.syncs += 1
+        asked = [spawner for spawner in list(self.by_pid.values())
+                 if send_note(spawner.link, {"sync": self.syncs})]
+        deadline_s = time.monotonic() + SYNC_TIMEOUT_S
+        for spawner in asked:
+            spawner.read_until_synced(self.syncs, deadline_s)
 
     # -- processes that exited --------------------------------------------------------
 

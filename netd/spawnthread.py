@@ -24,7 +24,7 @@ from netd.spawn import ExecSpawn
 
 @dataclass(eq=False)
 class SpawnRequest:
-    """One program to start on `fd`: a connection (closed once started) or a wait-mode
+    """One program to start on `fd`: a connection (closed once collected) or a wait-mode
     socket (`keep_fd`); `context` is whatever the caller needs back with the result."""
 
     program: str
@@ -69,23 +69,30 @@ class SpawnQueue:
                                          request.fd, request.stderr_fd)
             except OSError as e:
                 request.error = e
-            finally:
-                if not request.keep_fd:
-                    os.close(request.fd)
             self.done.append(request)
-            try:
-                self.wake_w.send(b"\0")
-            except BlockingIOError:
-                pass  # the loop has wake-ups waiting already: it will collect this one too
+            if len(self.done) == 1:
+                # The loop may be asleep with nothing else to collect. When more wait, it
+                # has not collected the first yet and gets them all with it.
+                try:
+                    self.wake_w.send(b"\0")
+                except BlockingIOError:
+                    pass  # wake-ups wait already
 
     def _collect(self) -> None:
         try:
             self.wake_r.recv(4096)
         except BlockingIOError:
             pass
+        self.collect()
+
+    def collect(self) -> None:
+        """Hand what is done to on_done (the loop also calls this at each wake-up)."""
         while self.done:
+            request = self.done.popleft()
+            if not request.keep_fd:
+                os.close(request.fd)  # here: a close in the thread would hand the GIL over
             self.pending -= 1
-            self.on_done(self.done.popleft())
+            self.on_done(request)
 
     def close(self) -> None:
         """Finish what was submitted, then end the thread (results are not collected)."""

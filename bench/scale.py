@@ -26,6 +26,7 @@ PROBE_TIMEOUT_S = 5.0      # a connection that takes longer is a failure
 PROBE_MAX = 200_000        # connections per prober, at most
 RELOAD_TIMEOUT_S = 60.0
 PAYLOAD = b"x" * 64
+SLOW_S = 0.050             # issue 13: no connection to an unchanged service waits longer
 
 
 def service(name: str, proto: str, handler: str, user: str | None = None) -> str:
@@ -250,9 +251,11 @@ def reload_rows(figures: ReloadFigures) -> list[list[str]]:
                      f"{len(during):,} ({failed})"])
         if during:
             p99 = sorted(during)[int(0.99 * (len(during) - 1))]
-            rows.append([f"{name}: longest wait during the reloads (p99, median)",
+            slow = sum(1 for w in during if w > SLOW_S)
+            rows.append([f"{name}: longest wait during the reloads (p99, median; waits over "
+                         f"{1000 * SLOW_S:.0f} ms)",
                          f"{1000 * max(during):.1f} ms ({1000 * p99:.1f}, "
-                         f"{1000 * statistics.median(during):.2f} ms)"])
+                         f"{1000 * statistics.median(during):.2f} ms; {slow})"])
         if before:
             rows.append([f"{name}: longest wait before the first reload "
                          f"({len(before):,} connections)", f"{1000 * max(before):.1f} ms"])
@@ -262,8 +265,8 @@ def reload_rows(figures: ReloadFigures) -> list[list[str]]:
         longest = ", ".join(
             f"{name} {1000 * max(waits):.1f} ms" for name in figures.waits
             if (waits := figures.between(name, reload.began_s, until)))
-        rows.append([f"reload {i + 1}, {reload.how}: how long it took; the longest wait of "
-                     "each probe from it to the next; what netd said",
+        rows.append([f"reload {i + 1} ({reload.how}): how long it took; each probe's longest "
+                     "wait from it to the next; what netd said",
                      f"{reload.seconds:.2f} s; {longest or 'no connection'}; {reload.outcome}"])
     for how, what in (("netd reload", "`netd reload` command, wall time (it checks the "
                        "file first)"), ("SIGHUP", "SIGHUP until netd's status shows it "

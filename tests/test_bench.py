@@ -88,5 +88,5 @@ def test_reload_rows_give_each_reload_its_longest_wait() -> None:
     assert figures.longest_ms == pytest.approx(60.0)
     rows = dict(reload_rows(figures))
     assert rows["probe-same: longest wait before the first reload (1 connections)"] == "4.0 ms"
-    reload_2 = next(v for k, v in rows.items() if k.startswith("reload 2, SIGHUP"))
+    reload_2 = next(v for k, v in rows.items() if k.startswith("reload 2 (SIGHUP)"))
     assert reload_2 == "0.50 s; probe-same 10.0 ms; ok (changed edited)"

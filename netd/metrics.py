@@ -1,8 +1,9 @@
 """The supervisor's metrics in Prometheus' text format (prometheus_client).
 
-A custom collector reads the supervisor's status (the view `netd status --json` gives:
+A custom collector reads the supervisor's state (the view `netd status --json` gives:
 what the spawners reported in their batches, the children running, the reloads, the
-log lines dropped) at each scrape; nothing is counted per connection for metrics.
+log lines dropped) at each scrape, as it is: a scrape waits for no spawner, and
+nothing is counted per connection for metrics.
 The supervisor imports this module only when the config names a metrics address:
 prometheus_client weighs several MB that a supervisor without metrics does not carry.
 """

@@ -39,10 +39,19 @@ from netd.peer import Peer, accept_fields, describe, refuse_fields
 from netd.policy import Counters, RateWindow, Refuse, check_rate, decide, source_key
 from netd.proxywait import ProxyGate
 from netd.reports import Reporter, Started, read_notes
-from netd.spawn import exec_env, fork_handler, serve_python, signal_group, spawn_exec
+from netd.spawn import (
+    ExecSpawn,
+    exec_env,
+    fork_handler,
+    ignored_signals,
+    serve_python,
+    signal_group,
+)
+from netd.spawnthread import SpawnQueue, SpawnRequest
 from netd.stderr import StderrPipe
 
 ACCEPTS_PER_WAKEUP = 64
+MAX_SPAWNING = 32          # exec children waiting for the spawn thread, at most
 DATAGRAMS_PER_WAKEUP = 64
 RESOURCE_PAUSE_S = 1.0     # a service stops accepting this long when out of fds or processes
 KILL_GRACE_S = 5.0         # after max_duration's SIGTERM, SIGKILL
@@ -76,6 +85,7 @@ class Served:
     stderr: StderrPipe | None = None
     state: str = "listening"
     resume_at: Timer | None = None
+    running: int = 0  # children of its own this spawner started and has not reaped
 
 
 class Spawner:
@@ -89,27 +99,32 @@ class Spawner:
         self.loop = EventLoop()
         self.children = ChildTable()
         self.streams: set[InlineStream] = set()
+        self.early_exits: dict[int, int] = {}  # pid: status, reaped before known started
+        self.held: set[Listener] = set()  # paused while the spawn thread catches up
         self.leaving: str | None = None  # "retire" or "stop"
-        self.report = Reporter(link, log.lost)
+        self.report = Reporter(link, self.loop, log.lost)
         self.served = {service.name: Served(service, listeners)
                        for service, listeners in plan.services}
         self.proxies: ProxyGate[tuple[Served, Listener]] = ProxyGate(
             self.loop, self._proxied, self._proxy_refused)
         for started in plan.inherited:
             self._inherit(started)
+        # Signals: SIGCHLD and SIGTERM reach the loop through the wake-up socket.
+        self.wake_r, wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        signal.set_wakeup_fd(wake_w.detach(), warn_on_full_buffer=False)
+        for sig in (signal.SIGCHLD, signal.SIGTERM):
+            signal.signal(sig, _note_signal)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        # Made once the dispositions are set: it resets what this process ignores.
+        self.spawns = SpawnQueue(self.loop, ExecSpawn(ignored_signals()), self._spawned)
 
     # -- setting up -----------------------------------------------------------------
 
     def run(self) -> None:
         """Serve until retired or stopped and every child has ended."""
-        wake_r, wake_w = socket.socketpair()
-        wake_r.setblocking(False)
-        wake_w.setblocking(False)
-        signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGCHLD, signal.SIGTERM):
-            signal.signal(sig, _note_signal)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        self.loop.watch(wake_r, lambda: self._signals(wake_r))
+        self.loop.watch(self.wake_r, self._signals)
         self.link.setblocking(False)
         self.loop.watch(self.link, self._notes)
         for served in self.served.values():
@@ -117,10 +132,12 @@ class Spawner:
         self.report.ready()
         self._reap()  # a child that ended before the handlers were in place
         while not self._done():
-            self.report.flush()  # what this wake-up did, in one batch
+            self.spawns.collect()
+            self.report.send_due()  # what this wake-up did, in a batch now or soon
             self.log.pump(self.loop)
             self.loop.run_once()
         self.report.flush()
+        self.spawns.close()
         self.log.wind_up()
         self.log.flush()
 
@@ -159,6 +176,11 @@ class Spawner:
         """Take what is queued on a stream listener, each connection through the policy."""
         service = served.service
         for _ in range(ACCEPTS_PER_WAKEUP):
+            if self.spawns.pending >= MAX_SPAWNING and service.kind == "exec":
+                # The spawn thread is behind: connections wait in the kernel's queue.
+                listener.pause("spawning")
+                self.held.add(listener)
+                return
             if served.window is not None:
                 now = time.monotonic()
                 suspend = check_rate(served.window, service.limits, now)
@@ -205,36 +227,70 @@ class Spawner:
         ticket = Ticket(served.counters, source, None if inline else pool)
         if inline:
             self._stream(served, listener, conn, peer, ticket)
-            return
-        with conn:
-            pid = self._start(served, conn, peer, remote)
-        if pid is None:
-            ticket.release()
-            return
-        self._started(served, Child(pid, service.name, ticket), listener, peer, None)
+        else:
+            self._start(served, listener, conn, peer, remote, ticket, None)
 
-    def _start(self, served: Served, sock: socket.socket, peer: Peer, remote: object) -> int | None:
-        """Start the child that serves `sock` (a connection, or a wait-mode socket)."""
+    def _start(self, served: Served, listener: Listener, sock: socket.socket, peer: Peer,
+               remote: object, ticket: Ticket | None, mode: str | None) -> None:
+        """Start the child that serves `sock`: a connection (ours to close) or, in wait
+        mode, the listening socket itself. An exec child is started by the spawn thread
+        (its result comes back through _spawned); a python handler's is forked here."""
         service = served.service
+        waits = mode == "wait"
+        if service.kind == "exec":
+            stderr = served.stderr.write_fd if served.stderr is not None else self.devnull
+            self.spawns.submit(SpawnRequest(
+                service.program or service.argv[0], service.argv, exec_env(service, peer),
+                sock.fileno() if waits else sock.detach(), stderr, keep_fd=waits,
+                context=(served, listener, peer, ticket, mode)))
+            return
         try:
-            if service.kind == "exec":
-                stderr = served.stderr.write_fd if served.stderr is not None else self.devnull
-                return spawn_exec(service.program or service.argv[0], service.argv,
-                                  exec_env(service, peer), sock.fileno(), stderr)
-            return fork_handler(lambda: serve_python(service, sock, remote),
-                                [sock.fileno(), *self.log.fds()], self.log, service.name)
+            pid = fork_handler(lambda: serve_python(service, sock, remote),
+                               [sock.fileno(), *self.log.fds()], self.log, service.name)
         except OSError as e:
-            self.log.event("error", "err", service=service.name, msg=f"cannot start child: {e}")
-            self.report.failed(service.name)
-            if e.errno in (errno.EAGAIN, errno.ENOMEM, *SHORTAGES):
-                # Out of processes (RLIMIT_NPROC) or memory: pause, connections wait.
-                self.suspend(served, time.monotonic() + RESOURCE_PAUSE_S, "resources")
-            return None
+            self._not_started(served, listener, ticket, mode, e)
+            return
+        finally:
+            if not waits:
+                sock.close()
+        self._started(served, Child(pid, service.name, ticket,
+                                    wait_key=str(listener.address) if waits else None),
+                      listener, peer, mode)
+
+    def _spawned(self, request: SpawnRequest) -> None:
+        """The spawn thread started (or failed to start) an exec child."""
+        served, listener, peer, ticket, mode = request.context
+        if request.pid is None:
+            assert request.error is not None
+            self._not_started(served, listener, ticket, mode, request.error)
+        else:
+            self._started(served, Child(request.pid, served.service.name, ticket,
+                                        wait_key=str(listener.address) if mode == "wait"
+                                        else None), listener, peer, mode)
+        if self.held and self.spawns.pending <= MAX_SPAWNING // 2:
+            for held in self.held:
+                held.resume("spawning")
+            self.held.clear()
+
+    def _not_started(self, served: Served, listener: Listener, ticket: Ticket | None,
+                     mode: str | None, error: OSError) -> None:
+        self.log.event("error", "err", service=served.service.name,
+                       msg=f"cannot start child: {error}")
+        self.report.failed(served.service.name)
+        if ticket is not None:
+            ticket.release()
+        if mode == "wait":
+            listener.resume("busy")
+            self._note_state(served)
+        if error.errno in (errno.EAGAIN, errno.ENOMEM, *SHORTAGES):
+            # Out of processes (RLIMIT_NPROC) or memory: pause, connections wait.
+            self.suspend(served, time.monotonic() + RESOURCE_PAUSE_S, "resources")
 
     def _started(self, served: Served, child: Child, listener: Listener, peer: Peer,
                  mode: str | None) -> None:
         service = served.service
         self.children.add(child)
+        served.running += 1
         self.report.accepted(service.name)
         if service.max_duration_s is not None:
             child.deadline = self.loop.after(
@@ -244,6 +300,12 @@ class Spawner:
                                        child.pid, mode))
         self.report.started(Started(child.pid, service.name, child.ticket.source
                                     if child.ticket else None, child.wait_key))
+        if mode == "wait":
+            self._note_state(served)
+        status = self.early_exits.pop(child.pid, None)
+        if status is not None:  # it ended before the spawn thread said it had started
+            self.children.pop(child.pid)
+            self._ended(child, status)
 
     def _refuse(self, served: Served, peer: Peer, reason: str, **detail: object) -> None:
         self.report.refused(served.service.name, reason)
@@ -314,13 +376,7 @@ class Spawner:
         """Hand the listening socket to one child; watch it again once that child ends."""
         listener.pause("busy")
         peer = Peer.of(listener.sock, listener.address.proto, None)
-        pid = self._start(served, listener.sock, peer, None)
-        if pid is None:
-            listener.resume("busy")
-            return
-        child = Child(pid, served.service.name, wait_key=str(listener.address))
-        self._started(served, child, listener, peer, "wait")
-        self._note_state(served)
+        self._start(served, listener, listener.sock, peer, None, None, "wait")
 
     # -- PROXY protocol headers -----------------------------------------------------
 
@@ -381,6 +437,8 @@ class Spawner:
             child = self.children.pop(pid)
             if child is not None:
                 self._ended(child, status)
+            elif self.spawns.pending:
+                self.early_exits[pid] = status  # its start has not been collected yet
 
     def _ended(self, child: Child, status: int | None) -> None:
         """Log a child's end (status None: not ours to reap) and free what it held."""
@@ -405,11 +463,12 @@ class Spawner:
                 if str(listener.address) == child.wait_key:
                     listener.resume("busy")
             self._note_state(served)
-        if served.stderr is not None and not any(c.service == child.service
-                                                 for c in self.children if c.own):
-            # The pipe is shared by the service's children: with none left, a last line
-            # without its newline is complete.
-            served.stderr.drain()
+        if child.own:
+            served.running -= 1
+            if served.stderr is not None and not served.running:
+                # The pipe is shared by the service's children: with none left, a last
+                # line without its newline is complete.
+                served.stderr.drain()
 
     def _expire(self, child: Child, sig: signal.Signals) -> None:
         """A child ran past max_duration: SIGTERM, then SIGKILL KILL_GRACE_S later."""
@@ -422,9 +481,9 @@ class Spawner:
 
     # -- what the supervisor and signals say ----------------------------------------
 
-    def _signals(self, wake: socket.socket) -> None:
+    def _signals(self) -> None:
         try:
-            received = set(wake.recv(256))
+            received = set(self.wake_r.recv(256))
         except BlockingIOError:
             return
         if signal.SIGTERM in received:
@@ -442,6 +501,8 @@ class Spawner:
                 self.leave("retire")
             elif "stop" in note:
                 self.leave("stop", float(note["stop"]))
+            if "sync" in note:
+                self.report.sync(int(note["sync"]))
             for pid in note.get("ended", ()):
                 child = self.children.pop(int(pid))
                 if child is not None:
@@ -478,7 +539,7 @@ class Spawner:
 
     def _done(self) -> bool:
         return (self.leaving is not None and not self.streams and not self.proxies
-                and self.children.own() == 0)
+                and not self.spawns.pending and self.children.own() == 0)
 
 
 def _local(served: Served, listener: Listener, peer: Peer) -> str:

@@ -197,7 +197,7 @@ class Supervisor:
         except ImportError as e:
             raise OSError(f"metrics need prometheus_client (python3-prometheus-client): "
                           f"{e}") from None
-        return Metrics(self.status).render
+        return Metrics(self.known).render
 
     def _metrics_listener(self, pool: dict[tuple[object, ...], Listener], address: Address,
                           fresh: list[Listener]) -> Listener:
@@ -253,7 +253,7 @@ class Supervisor:
     def reload(self) -> dict[str, Any]:
         """Re-read the config file and apply the difference; on any error keep all as is."""
         self.notifier.reloading()
-        self.spawners.read()
+        self.spawners.sync()
         try:
             changes = self.apply(load_config(self.config.path))
         except ConfigError as e:
@@ -377,8 +377,14 @@ class Supervisor:
     # -- status -----------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        """What `netd status` shows: the daemon, then every service with its counters."""
-        self.spawners.read()
+        """What `netd status` shows: the daemon, then every service with its counters
+        (current: the spawners are asked for what they have not reported yet)."""
+        self.spawners.sync()
+        return self.known()
+
+    def known(self) -> dict[str, Any]:
+        """The daemon and its services as the supervisor knows them now, without waiting
+        for the spawners (a scrape: counters at most one batch interval old)."""
         children: dict[str, int] = {}
         held = set()
         for child in self.spawners.children.values():

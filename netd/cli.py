@@ -25,8 +25,6 @@ from netd.control import NotRunning, request
 from netd.logs import open_log
 from netd.pidfile import AlreadyRunning, Pidfile
 from netd.sockets import BindError
-from netd.supervisor import Supervisor
-from netd.systemd import Notifier, passed_sockets
 
 EX_FAILED = 1        # stop, reload: no daemon, or no result in time
 EX_NOT_RUNNING = 3   # status: not running (LSB)
@@ -144,6 +142,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Serve in the foreground until SIGTERM or SIGINT (how systemd runs netd)."""
+    from netd.systemd import passed_sockets
+
     passed = passed_sockets()  # before anything else: LISTEN_PID names this process
     config = _load(args.config)
     if config is None:
@@ -193,6 +193,10 @@ def serve(config: Config, passed: dict[int, str], report: Report) -> int:
     except (AlreadyRunning, OSError) as e:
         report(os.EX_UNAVAILABLE, str(e))
         return os.EX_UNAVAILABLE
+    # Imported here: the commands that do not serve (check, status...) start faster.
+    from netd.supervisor import Supervisor
+    from netd.systemd import Notifier
+
     try:
         _no_inherited_fds()
         log = open_log(config.log.to, config.log.syslog_address, config.log.facility,

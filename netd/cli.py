@@ -25,6 +25,7 @@ from netd.control import NotRunning, request
 from netd.logs import open_log
 from netd.pidfile import AlreadyRunning, Pidfile
 from netd.sockets import BindError
+from netd.spawn import load_config_apart
 
 EX_FAILED = 1        # stop, reload: no daemon, or no result in time
 EX_NOT_RUNNING = 3   # status: not running (LSB)
@@ -89,9 +90,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(config_path: str) -> Config | None:
+def _load(config_path: str, apart: bool = False) -> Config | None:
+    """The config, or None after printing its errors. `apart`: for the process that will
+    serve it, loaded in a child (spawn.load_config_apart)."""
     try:
-        return load_config(config_path)
+        return load_config_apart(config_path) if apart else load_config(config_path)
     except ConfigError as e:
         for line in e.errors:
             print(line, file=sys.stderr)
@@ -145,7 +148,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from netd.systemd import passed_sockets
 
     passed = passed_sockets()  # before anything else: LISTEN_PID names this process
-    config = _load(args.config)
+    config = _load(args.config, apart=True)
     if config is None:
         return os.EX_CONFIG
 
@@ -158,7 +161,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_start(args: argparse.Namespace) -> int:
     """Detach and serve; exit only once the daemon is ready, or say why it is not."""
-    config = _load(args.config)
+    config = _load(args.config, apart=True)
     if config is None:
         return os.EX_CONFIG
     holder = Pidfile(config.daemon.pidfile).holder()

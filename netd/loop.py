@@ -50,7 +50,7 @@ class EventLoop:
 
     def __init__(self) -> None:
         self._selector = selectors.DefaultSelector()
-        self._watched: set[int] = set()  # the fds registered with the selector
+        self._watched: dict[int, Callback] = {}  # each registered fd's callback
         self._timers: list[Timer] = []
         self._seq = itertools.count()
         self._cancelled = 0
@@ -62,18 +62,18 @@ class EventLoop:
         both); watching it again replaces its callback and events."""
         fd = _fd(fileobj)
         if fd in self._watched:
-            self._selector.modify(fileobj, events, callback)
+            self._selector.modify(fileobj, events)
         else:
             # Known to be new: selectors' own test (modify, then KeyError) formats the
             # object into the error message, which for a socket costs two syscalls.
-            self._selector.register(fileobj, events, callback)
-            self._watched.add(fd)
+            self._selector.register(fileobj, events)
+        self._watched[fd] = callback
 
     def unwatch(self, fileobj: Any) -> None:
         """Stop watching `fileobj` (nothing happens when it was not watched)."""
         fd = _fd(fileobj)
         if fd < 0 or fd in self._watched:
-            self._watched.discard(fd)
+            self._watched.pop(fd, None)
             try:
                 self._selector.unregister(fileobj)
             except (KeyError, ValueError):
@@ -82,13 +82,6 @@ class EventLoop:
     def watching(self, fileobj: Any) -> bool:
         """Whether `fileobj` is watched now."""
         return _fd(fileobj) in self._watched
-
-    def _callback(self, fileobj: Any) -> Callback | None:
-        try:
-            callback: Callback = self._selector.get_key(fileobj).data
-        except (KeyError, ValueError):
-            return None
-        return callback
 
     # -- timers -----------------------------------------------------------------
 
@@ -140,10 +133,9 @@ class EventLoop:
         for key, _ in self._selector.select(timeout_s):
             # A callback earlier in this batch may have unwatched this object, or
             # watched it again with another callback.
-            if key.fd in self._watched:
-                callback = self._callback(key.fileobj)
-                if callback is not None:
-                    callback()
+            callback = self._watched.get(key.fd)
+            if callback is not None:
+                callback()
         self._run_due(time.monotonic())
 
     def _run_due(self, now_s: float) -> None:

@@ -48,6 +48,12 @@ def supervisor(config_path: str) -> None:
     _set(f"supervisor -c {config_path}", "netd-supervisor")
 
 
+def loader(config_path: str) -> None:
+    """`netd: loading /etc/netd/netd.yaml`: the short-lived child that reads a config
+    for the supervisor (at start and at each reload)."""
+    _set(f"loading {config_path}", "netd-loader")
+
+
 def spawner(user: str | None, services: Sequence[str], leaving: str | None = None) -> None:
     """`netd: spawner user=nobody (echo, cat, finger, +2 more)`, with `retiring` or
     `stopping` at the end once it leaves (it finishes its children first)."""

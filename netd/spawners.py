@@ -24,7 +24,7 @@ from netd.listener import Listener
 from netd.logs import Log
 from netd.loop import EventLoop, Timer
 from netd.reports import Batch, Started, send_note
-from netd.spawn import fork_helper, signal_group
+from netd.spawn import fork_helper, import_handlers, signal_group
 from netd.spawner import Plan, Spawner
 
 RESTART_S = 0.2       # a spawner that died is replaced after this, doubling
@@ -53,21 +53,31 @@ class SpawnerHandle:
         sockets = [lst.sock.fileno() for _, listeners in plan.services for lst in listeners]
         devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
 
-        def main() -> None:
+        def failed(e: Exception) -> None:  # a fault of ours: say what, then leave
+            log.wind_up()
+            log.event("error", "err", user=plan.identity.user, pid=os.getpid(),
+                      msg=f"spawner failed: {type(e).__name__}: {e}",
+                      traceback="".join(traceback.format_exception(e)).rstrip())
+
+        def prepare() -> None:
             log.in_child(has_loop=True)  # it never stalls its loop on a slow syslog
             proctitle.spawner(plan.identity.user, [service.name for service, _ in plan.services])
             try:
+                import_handlers([service for service, _ in plan.services])
+            except Exception as e:
+                failed(e)
+                raise
+
+        def main() -> None:
+            try:
                 Spawner(plan, theirs, log, devnull).run()
-            except Exception as e:  # a fault of ours: say what, then leave (status 1)
-                log.wind_up()
-                log.event("error", "err", user=plan.identity.user, pid=os.getpid(),
-                          msg=f"spawner failed: {type(e).__name__}: {e}",
-                          traceback="".join(traceback.format_exception(e)).rstrip())
+            except Exception as e:
+                failed(e)
                 raise
 
         try:
             self.pid = fork_helper(main, [theirs.fileno(), devnull, *sockets, *log.fds()],
-                                   plan.identity)
+                                   plan.identity, prepare)
         finally:
             theirs.close()
             os.close(devnull)

@@ -165,3 +165,27 @@ def test_titles_are_set_when_setproctitle_is_there() -> None:
     tests run with it."""
     assert proctitle._setters is not None, "setproctitle is not installed"
     assert "setproctitle" in (REPO / "setup.cfg").read_text()
+
+
+def test_the_child_that_loads_a_config_says_so(start_netd: Callable[..., Netd],
+                                                sink: SyslogSink, tmp_path: Path) -> None:
+    """At a reload the config is read in a child of the supervisor: while it reads (here
+    an inetd.conf that is a FIFO nobody has opened yet) `ps` shows what it does."""
+    (port,) = distinct_ports(1)
+    body = f'services:\n  echo: {{listen: "tcp://127.0.0.1:{port}", builtin: echo}}\n'
+    netd = start_netd(body)
+    fifo = tmp_path / "inetd.conf"
+    os.mkfifo(fifo, 0o600)
+    netd.config.write_text(netd.config.read_text() + f"inetd: [{fifo}]\n")
+    netd.proc.send_signal(signal.SIGHUP)
+
+    def loaders() -> list[int]:
+        children = Path(f"/proc/{netd.proc.pid}/task/{netd.proc.pid}/children").read_text()
+        return [int(c) for c in children.split() if comm(c) == "netd-loader"]
+
+    wait_until(lambda: bool(loaders()), "the loading child")
+    (loader,) = loaders()
+    assert title(loader) == f"netd: loading {netd.config}"
+    with open(fifo, "w") as writer:  # lets it read an empty inetd.conf
+        writer.write("")
+    assert sink.wait_for(event="reload")["result"] == "ok"

@@ -80,11 +80,13 @@ class Served:
 class Spawner:
     """The loop of one spawner process; `run()` returns when it may leave."""
 
-    def __init__(self, plan: Plan, link: socket.socket, log: Log, devnull: int) -> None:
+    def __init__(self, plan: Plan, link: socket.socket, log: Log, devnull: int,
+                 stderr: dict[str, tuple[int, int]]) -> None:
         self.plan = plan
         self.link = link
         self.log = log
         self.devnull = devnull  # opened before a chroot could hide /dev/null
+        self.stderr = stderr    # the pipes of `stderr: log` services, made by the supervisor
         self.loop = EventLoop()
         self.children = ChildTable()
         self.streams: set[InlineStream] = set()
@@ -128,8 +130,9 @@ class Spawner:
         service = served.service
         if service.limits.rate is not None:
             served.window = RateWindow(service.limits.rate)
-        if service.kind == "exec" and service.stderr == "log":
-            served.stderr = StderrPipe(self.loop, self.log, service.name)
+        if service.name in self.stderr:
+            served.stderr = StderrPipe(self.loop, self.log, service.name,
+                                       *self.stderr[service.name])
         for listener in served.listeners:
             mode = service.mode(listener.address)
             if mode == "wait":

@@ -24,6 +24,7 @@ from netd.loop import EventLoop, Timer
 from netd.reports import Batch, Started, send_note
 from netd.spawn import fork_helper, signal_group
 from netd.spawner import Plan, Spawner
+from netd.stderr import StderrReader, stderr_pipe
 
 RESTART_S = 0.2       # a spawner that died is replaced after this, doubling
 RESTART_MAX_S = 30.0  # while its replacements keep dying young,
@@ -46,11 +47,17 @@ class SpawnerHandle:
         self.link, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         sockets = [lst.sock.fileno() for _, listeners in plan.services for lst in listeners]
         devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        # Made here so that the supervisor keeps each read end: it reads on from the
+        # children left when their spawner dies (netd.stderr).
+        stderr = {service.name: stderr_pipe() for service, _ in plan.services
+                  if service.kind == "exec" and service.stderr == "log"}
+        self.stderr = {name: read_fd for name, (read_fd, _) in stderr.items()}
+        pipe_fds = [fd for pipe in stderr.values() for fd in pipe]
 
         def main() -> None:
             log.in_child(has_loop=True)  # it never stalls its loop on a slow syslog
             try:
-                Spawner(plan, theirs, log, devnull).run()
+                Spawner(plan, theirs, log, devnull, stderr).run()
             except Exception as e:  # a fault of ours: say what, then leave (status 1)
                 log.wind_up()
                 log.event("error", "err", user=plan.identity.user, pid=os.getpid(),
@@ -59,11 +66,18 @@ class SpawnerHandle:
                 raise
 
         try:
-            self.pid = fork_helper(main, [theirs.fileno(), devnull, *sockets, *log.fds()],
-                                   plan.identity)
+            self.pid = fork_helper(main, [theirs.fileno(), devnull, *sockets, *pipe_fds,
+                                          *log.fds()], plan.identity)
+        except OSError:
+            self.link.close()
+            for read_fd in self.stderr.values():
+                os.close(read_fd)
+            raise
         finally:
             theirs.close()
             os.close(devnull)
+            for _, write_fd in stderr.values():
+                os.close(write_fd)
         self.link.setblocking(False)
         loop.watch(self.link, self.read)
 
@@ -102,6 +116,15 @@ class SpawnerHandle:
         self.read()
         self.loop.unwatch(self.link)
         self.link.close()
+        for read_fd in self.stderr.values():
+            os.close(read_fd)
+        self.stderr = {}
+
+    def read_stderr_on(self, log: Log) -> None:
+        """It has died: log on what the children it left write to their stderr."""
+        for service, read_fd in self.stderr.items():
+            StderrReader(self.loop, log, service, read_fd)
+        self.stderr = {}
 
 
 @dataclass(eq=False)
@@ -225,34 +248,45 @@ class Spawners:
             return False
         log_exit(self.log, child.started.service, pid, status,
                  time.monotonic() - child.started_s)
+        if child.started.wait_key is None:
+            # Its place in max_children, which its dead spawner can no longer give back
+            # (a wait-mode child holds none; the new spawner counts it without one).
+            child.spawner.plan.pool.give_back()
         self._tell_ended(child.spawner.plan.identity, [pid], None)
         return True
 
     def _spawner_exited(self, spawner: SpawnerHandle, status: int) -> None:
+        spawner.read_stderr_on(self.log)
         spawner.close()
         for pid in [pid for pid, c in self.children.items() if c.spawner is spawner]:
             if not _exists(pid):
                 del self.children[pid]  # its end was never reported
-        if spawner.retired:
-            return  # it left as told, once its children had ended
         identity = spawner.plan.identity
+        if spawner.retired:
+            if status != 0:  # it did not leave as told, once its children had ended
+                self.log.event("error", "err", user=identity.user, pid=spawner.pid,
+                               msg=f"retired spawner {how_it_ended(status)}")
+            return
         if self.serving.get(identity) is spawner:
             del self.serving[identity]
             if spawner.replaces:  # they serve on until its replacement is ready
                 self.serving[identity] = spawner.replaces[0]
                 spawner.replaces[0].replaces = spawner.replaces[1:]
-        self.log.event("error", "err", user=identity.user,
-                       msg=f"spawner exited (status {os.waitstatus_to_exitcode(status)})")
+        then = ""
         if not self.stopping:
-            self._restart_later(identity)
+            then = f"; a new one starts in {self._restart_later(identity):.3f}s"
+        self.log.event("error", "err", user=identity.user, pid=spawner.pid,
+                       msg=f"spawner {how_it_ended(status)}{then}")
 
-    def _restart_later(self, identity: Identity) -> None:
-        """Replace a spawner that died, after a delay that doubles while they keep failing."""
+    def _restart_later(self, identity: Identity) -> float:
+        """Replace a spawner that died, after a delay that doubles while they keep failing;
+        returns the delay."""
         failures = self.failures.get(identity, 0)
         self.failures[identity] = failures + 1
-        delay_s = min(RESTART_MAX_S, RESTART_S * 2 ** failures)
+        delay_s = min(RESTART_MAX_S, RESTART_S * 2.0 ** failures)
         self.loop.cancel(self.restarts.get(identity))
         self.restarts[identity] = self.loop.after(delay_s, lambda: self._restart(identity))
+        return delay_s
 
     def _restart(self, identity: Identity) -> None:
         self._start(identity)
@@ -295,6 +329,13 @@ def log_exit(log: Log, service: str, pid: int, status: int, lived_s: float) -> N
     else:
         log.event("exit", service=service, pid=pid, status=os.waitstatus_to_exitcode(status),
                   duration=duration)
+
+
+def how_it_ended(status: int) -> str:
+    """A wait status in words: "killed by SIGKILL", "exited with status 1"."""
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"
 
 
 def _exists(pid: int) -> bool:

@@ -1,0 +1,320 @@
+"""Faults around a running netd, each with real processes (issue 10, "Faults to survive").
+
+- A spawner or a prefork worker killed with SIGKILL while connections are in flight:
+  every accepted connection is either served or closed (a client never hangs: each
+  read has a timeout, and reaching it fails the test), and the next one is served.
+  Orphaned exec children keep serving their clients; the supervisor (a subreaper)
+  logs their exits with their service, and gives back what they held.
+
+Covered elsewhere: the syslog socket gone, back or not a socket (test_logs.py), the
+notify socket unread (test_systemd.py), out of fds (test_hostile.py), SIGHUP storms
+and a removed config (test_reload.py).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from conftest import Netd, SyslogSink, connect, distinct_ports, free_port, wait_until
+
+WAIT_S = 10.0
+# How long a client waits for an answer before calling it a hang: far beyond the
+# spawner's restart (0.2 s) on a loaded machine, far below pytest's patience.
+HANG_S = 8.0
+
+
+# -- helpers -------------------------------------------------------------------------
+
+
+def children(pid: int) -> set[int]:
+    """The direct children of `pid`, from the kernel."""
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except FileNotFoundError:
+        return set()
+    return {int(p) for p in text.split()}
+
+
+def descendants(pid: int) -> set[int]:
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children(todo.pop()):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def echo_round(s: socket.socket, data: bytes) -> bytes:
+    """Send `data`, read back as many bytes (each read bounded by the socket timeout)."""
+    s.sendall(data)
+    got = b""
+    while len(got) < len(data):
+        chunk = s.recv(len(data) - len(got))
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def closed_not_hung(s: socket.socket) -> str:
+    """Read until the server ends the connection: 'eof' or 'reset'; a read that times
+    out is a hang and fails the test."""
+    s.settimeout(HANG_S)
+    try:
+        while s.recv(65536):
+            pass
+    except ConnectionResetError:
+        return "reset"
+    except TimeoutError:
+        pytest.fail(f"connection from port {s.getsockname()[1]} left hanging after the "
+                    "kill")
+    return "eof"
+
+
+def accepted_pid(sink: SyslogSink, s: socket.socket, service: str) -> int:
+    """The pid netd logged for this client's connection (event=accept)."""
+    peer = f"127.0.0.1:{s.getsockname()[1]}"
+    return int(sink.wait_for(event="accept", service=service, peer=peer)["pid"])
+
+
+def only_spawner(netd: Netd) -> int:
+    """The pid of the one spawner (the supervisor's only child in these configs)."""
+    wait_until(lambda: len(children(netd.proc.pid)) == 1, "one spawner")
+    (pid,) = children(netd.proc.pid)
+    return pid
+
+
+def kill_spawner(netd: Netd, sink: SyslogSink, pid: int) -> int:
+    """SIGKILL the spawner `pid`; returns its replacement's pid (netd's one child that
+    was not the spawner's)."""
+    theirs = children(pid)
+    before = len(sink.find(event="error"))
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: len(sink.find(event="error")) > before, "the spawner's death logged")
+    died = sink.find(event="error")[before]
+    assert "spawner" in died["msg"] and "SIGKILL" in died["msg"], died
+
+    def replacements() -> set[int]:
+        return children(netd.proc.pid) - theirs - {pid}
+
+    wait_until(lambda: len(replacements()) == 1, "a new spawner")
+    (new,) = replacements()
+    return new
+
+
+@pytest.fixture
+def netd_and_children(start_netd: Callable[..., Netd]) -> Iterator[Callable[..., Netd]]:
+    """start_netd; in teardown every process under each netd is killed (an orphaned
+    /bin/cat must not outlive the test), then netd itself."""
+    started: list[Netd] = []
+
+    def start(body: str) -> Netd:
+        netd: Netd = start_netd(body)
+        started.append(netd)
+        return netd
+
+    yield start
+    for netd in started:
+        for pid in descendants(netd.proc.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+# -- a spawner killed ----------------------------------------------------------------
+
+
+def test_spawner_killed_with_exec_children_and_a_backlog(
+        tmp_path: Path, netd_and_children: Callable[..., Netd], sink: SyslogSink) -> None:
+    """The spawner of /bin/cat sessions dies (SIGKILL) with three sessions running and
+    two connections queued in the backlog: the sessions go on (their children were
+    re-parented to the supervisor), the queued ones are served by the replacement, the
+    orphans' exits are logged with their service, and the places they held in
+    max_children are given back once they end."""
+    port = free_port()
+    netd = netd_and_children(f"""
+        daemon:
+          pidfile: {tmp_path / 'netd.pid'}
+          control: {tmp_path / 'control.sock'}
+          max_children: 6
+        services:
+          cat:
+            listen: tcp://127.0.0.1:{port}
+            exec: [/bin/cat]
+        """)
+    sessions = [connect(port, timeout_s=HANG_S) for _ in range(3)]
+    queued: list[socket.socket] = []
+    try:
+        for i, s in enumerate(sessions):
+            assert echo_round(s, b"before %d\n" % i) == b"before %d\n" % i
+        cats = {accepted_pid(sink, s, "cat") for s in sessions}
+        spawner = only_spawner(netd)
+        assert cats <= children(spawner)
+        # Stopped, it accepts nothing: these wait in the listening socket's backlog,
+        # which the supervisor holds.
+        os.kill(spawner, signal.SIGSTOP)
+        queued = [connect(port, timeout_s=HANG_S) for _ in range(2)]
+        for i, s in enumerate(queued):
+            s.sendall(b"queued %d\n" % i)
+        new = kill_spawner(netd, sink, spawner)
+        assert cats <= children(netd.proc.pid), "the orphans were not re-parented to netd"
+        for i, s in enumerate(queued):
+            assert echo_round(s, b"") == b"" and s.recv(16) == b"queued %d\n" % i
+            assert accepted_pid(sink, s, "cat") in children(new)
+        for i, s in enumerate(sessions):
+            assert echo_round(s, b"after %d\n" % i) == b"after %d\n" % i
+        for s in sessions:
+            s.close()
+        for pid in cats:
+            exit_event = sink.wait_for(event="exit", service="cat", pid=str(pid))
+            assert exit_event["status"] == "0", exit_event
+        for s in queued:
+            s.close()
+        queued = []
+        wait_until(lambda: len(sink.find(event="exit", service="cat")) == 5, "five exits")
+        # Every place is free again: max_children (6) sessions at once are all served.
+        full = [connect(port, timeout_s=HANG_S) for _ in range(6)]
+        try:
+            for i, s in enumerate(full):
+                assert echo_round(s, b"full %d\n" % i) == b"full %d\n" % i, \
+                    sink.find(event="refuse")
+        finally:
+            for s in full:
+                s.close()
+        assert not sink.find(event="refuse")
+    finally:
+        for s in sessions + queued:
+            s.close()
+    assert netd.stop() == 0
+
+
+def test_spawner_killed_with_inline_sessions_and_a_pending_proxy_header(
+        netd_and_children: Callable[..., Netd], sink: SyslogSink) -> None:
+    """The spawner dies while it serves echo sessions inline and holds connections
+    whose PROXY header is still pending: each of those clients sees the connection
+    end (EOF or a reset), none hangs, and both services are served again."""
+    echo, proxied = distinct_ports(2)
+    netd = netd_and_children(f"""
+        services:
+          echo:
+            listen: tcp://127.0.0.1:{echo}
+            builtin: echo
+          pp:
+            listen: tcp://127.0.0.1:{proxied}
+            exec: [/bin/cat]
+            proxy_protocol: {{from: [127.0.0.1], timeout: 30s}}
+        """)
+    inline = [connect(echo, timeout_s=HANG_S) for _ in range(3)]
+    pending = [connect(proxied, timeout_s=HANG_S) for _ in range(2)]
+    try:
+        for i, s in enumerate(inline):
+            assert echo_round(s, b"inline %d\n" % i) == b"inline %d\n" % i
+        for s in pending:
+            s.sendall(b"PROXY TCP4 10.0.0.1 ")  # and the rest never comes
+        spawner = only_spawner(netd)
+        # The spawner has taken the pending connections in (nothing left in the backlog).
+        wait_until(lambda: _accept_queue(proxied) == 0, "the pending connections taken in")
+        kill_spawner(netd, sink, spawner)
+        for s in inline + pending:
+            closed_not_hung(s)
+    finally:
+        for s in inline + pending:
+            s.close()
+    with connect(echo, timeout_s=HANG_S) as s:
+        assert echo_round(s, b"next\n") == b"next\n"
+    with connect(proxied, timeout_s=HANG_S) as s:
+        s.sendall(b"PROXY TCP4 10.0.0.1 10.0.0.2 1000 2000\r\n")
+        assert echo_round(s, b"proxied\n") == b"proxied\n"
+    assert sink.wait_for(event="accept", service="pp")["peer"] == "10.0.0.1:1000"
+    assert netd.stop() == 0
+
+
+def _accept_queue(port: int) -> int:
+    """Connections waiting in the accept queue of the listener on 127.0.0.1:port."""
+    want = f"0100007F:{port:04X}"
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if fields[1] == want and fields[3] == "0A":
+            return int(fields[4].split(":")[1], 16)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
+
+
+# -- a prefork worker killed ---------------------------------------------------------
+
+
+def test_worker_killed_with_connections_open(
+        netd_and_children: Callable[..., Netd], sink: SyslogSink) -> None:
+    """A prefork worker dies (SIGKILL) with echo sessions open in it: its clients see the
+    connection end, the supervisor logs the exit and a restart, and the new worker
+    serves the next connection."""
+    port = free_port()
+    netd = netd_and_children(f"""
+        services:
+          pooled:
+            listen: tcp://127.0.0.1:{port}
+            builtin: echo
+            workers: 1
+        """)
+    worker = int(sink.wait_for(event="worker", service="pooled")["pid"])
+    sessions = [connect(port, timeout_s=HANG_S) for _ in range(3)]
+    try:
+        for i, s in enumerate(sessions):
+            assert echo_round(s, b"w %d\n" % i) == b"w %d\n" % i
+        os.kill(worker, signal.SIGKILL)
+        for s in sessions:
+            closed_not_hung(s)
+    finally:
+        for s in sessions:
+            s.close()
+    died = sink.wait_for(event="exit", service="pooled", pid=str(worker))
+    assert died["signal"] == "SIGKILL", died
+    sink.wait_for(event="restart", service="pooled")
+    wait_until(lambda: len(sink.find(event="worker", service="pooled")) == 2,
+               "a new worker")
+    assert alive(int(sink.find(event="worker", service="pooled")[1]["pid"]))
+    with connect(port, timeout_s=HANG_S) as s:
+        assert echo_round(s, b"next\n") == b"next\n"
+    assert netd.stop() == 0
+
+
+def test_orphans_writing_to_stderr_keep_serving_and_are_logged(
+        netd_and_children: Callable[..., Netd], sink: SyslogSink) -> None:
+    """An exec child whose spawner was killed still has its stderr (`stderr: log`, the
+    default): a line it writes there afterwards is logged, and it goes on serving its
+    client instead of dying of SIGPIPE."""
+    port = free_port()
+    netd = netd_and_children(f"""
+        services:
+          talk:
+            listen: tcp://127.0.0.1:{port}
+            exec: [/bin/sh, -c, 'while read line; do echo "$line"; echo "said $line" >&2; done']
+        """)
+    with connect(port, timeout_s=HANG_S) as s:
+        assert echo_round(s, b"one\n") == b"one\n"
+        sink.wait_for(event="stderr", service="talk", msg="said one")
+        child = accepted_pid(sink, s, "talk")
+        kill_spawner(netd, sink, only_spawner(netd))
+        for word in (b"two", b"three"):
+            assert echo_round(s, word + b"\n") == word + b"\n", "the orphan died"
+            sink.wait_for(event="stderr", service="talk", msg="said " + word.decode())
+    assert sink.wait_for(event="exit", service="talk", pid=str(child))["status"] == "0"
+    with connect(port, timeout_s=HANG_S) as s:
+        assert echo_round(s, b"next\n") == b"next\n"
+        sink.wait_for(event="stderr", service="talk", msg="said next")
+    assert netd.stop() == 0

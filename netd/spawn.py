@@ -69,6 +69,21 @@ def spawn_exec(program: str, argv: tuple[str, ...], env: dict[str, str], conn_fd
     )
 
 
+def lowest_fd(fd: int) -> int:
+    """`fd` moved to the lowest free number, if that is lower (the old one is closed).
+
+    posix_spawn refuses to give a child an fd whose number is at or above RLIMIT_NOFILE
+    (EBADF), and a helper inherits its fds with the supervisor's numbers, which grow
+    with its listeners, while a service's `rlimits: {nofile: N}` may be small.
+    """
+    low = os.dup(fd)
+    if low > fd:
+        os.close(low)
+        return fd
+    os.close(fd)
+    return low
+
+
 def fork_helper(main: Callable[[], None], keep_fds: list[int], identity: Identity,
                 prepare: Callable[[], None] | None = None) -> int:
     """Fork a long-lived helper (a spawner, a prefork worker) that takes `identity`

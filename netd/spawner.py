@@ -19,7 +19,6 @@ retires this one: it stops accepting, lets its children finish, and leaves.
 
 from __future__ import annotations
 
-import errno
 import os
 import signal
 import socket
@@ -38,18 +37,22 @@ from netd.peer import Peer, accept_fields, describe, refuse_fields
 from netd.policy import Counters, RateWindow, Refuse, check_rate, decide, source_key
 from netd.proxywait import ProxyGate
 from netd.reports import Reporter, Started, read_notes
+from netd.shortage import (
+    ACCEPT_SHORTAGES,
+    RESOURCE_PAUSE_S,
+    START_SHORTAGES,
+    Held,
+    what_ran_short,
+)
 from netd.spawn import exec_env, fork_handler, serve_python, signal_group, spawn_exec
 from netd.stderr import StderrPipe
 
 ACCEPTS_PER_WAKEUP = 64
 DATAGRAMS_PER_WAKEUP = 64
-RESOURCE_PAUSE_S = 1.0     # a service stops accepting this long when out of fds or processes
 KILL_GRACE_S = 5.0         # after max_duration's SIGTERM, SIGKILL
 # A UDP builtin never answers port 0 or another small-services port: that is how two
 # servers start bouncing datagrams off each other.
 SMALL_SERVICE_PORTS = frozenset((0, 7, 9, 13, 19, 37))
-# accept() failing for want of fds or memory leaves the socket readable: pause instead.
-SHORTAGES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,8 @@ class Served:
     stderr: StderrPipe | None = None
     state: str = "listening"
     resume_at: Timer | None = None
+    short: bool = False  # out of fds, processes or memory (netd.shortage) until it serves again
+    held: list[Held] = field(default_factory=list)
 
 
 class Spawner:
@@ -173,12 +178,14 @@ class Spawner:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
+                if e.errno in ACCEPT_SHORTAGES:
+                    self._short(served, f"accept failed: {what_ran_short(e)}")
+                    return
                 self.log.event("error", "err", service=service.name,
                                msg=f"accept failed: {e.strerror}")
-                if e.errno in SHORTAGES:
-                    self.suspend(served, time.monotonic() + RESOURCE_PAUSE_S, "resources")
-                    return
                 continue
+            if served.short:
+                self._recovered(served)
             if service.proxy is not None:
                 self.proxies.wait((served, listener), conn, remote, service.proxy)
             else:
@@ -208,12 +215,23 @@ class Spawner:
         if inline:
             self._stream(served, listener, conn, peer, ticket)
             return
-        with conn:
-            pid = self._start(served, conn, peer, remote)
+        held = Held(listener, conn, peer, remote, ticket)
+        if served.held or not self._start_held(served, held):
+            served.held.append(held)  # it waits, in line, for the end of a shortage
+
+    def _start_held(self, served: Served, held: Held) -> bool:
+        """Start the child of an admitted connection; False when the service is short of
+        processes (or fds, or memory) and the connection must wait."""
+        pid = self._start(served, held.conn, held.peer, held.remote)
+        if pid is None and served.short and served.resume_at is not None:
+            return False
+        held.conn.close()
         if pid is None:
-            ticket.release()
-            return
-        self._started(served, Child(pid, service.name, ticket), listener, peer, None)
+            held.ticket.release()
+        else:
+            self._started(served, Child(pid, served.service.name, held.ticket),
+                          held.listener, held.peer, None)
+        return True
 
     def _start(self, served: Served, sock: socket.socket, peer: Peer, remote: object) -> int | None:
         """Start the child that serves `sock` (a connection, or a wait-mode socket)."""
@@ -226,15 +244,18 @@ class Spawner:
             return fork_handler(lambda: serve_python(service, sock, remote),
                                 [sock.fileno(), *self.log.fds()], self.log, service.name)
         except OSError as e:
-            self.log.event("error", "err", service=service.name, msg=f"cannot start child: {e}")
-            if e.errno in (errno.EAGAIN, errno.ENOMEM, *SHORTAGES):
-                # Out of processes (RLIMIT_NPROC) or memory: pause, connections wait.
-                self.suspend(served, time.monotonic() + RESOURCE_PAUSE_S, "resources")
+            if e.errno in START_SHORTAGES:
+                self._short(served, f"cannot start a child: {what_ran_short(e)}")
+            else:
+                self.log.event("error", "err", service=service.name,
+                               msg=f"cannot start child: {e}")
             return None
 
     def _started(self, served: Served, child: Child, listener: Listener, peer: Peer,
                  mode: str | None) -> None:
         service = served.service
+        if served.short:
+            self._recovered(served)
         self.children.add(child)
         self.report.accepted(service.name)
         if service.max_duration_s is not None:
@@ -349,21 +370,46 @@ class Spawner:
         for listener in served.listeners:
             listener.pause("suspended")
         served.resume_at = self.loop.at(until_s, lambda: self.resume(served))
-        self.log.event("suspend", "warning", service=served.service.name, reason=reason,
-                       pause=f"{until_s - time.monotonic():.3f}s")
+        if reason != "resources":  # a shortage is said once, when it begins (_short)
+            self.log.event("suspend", "warning", service=served.service.name, reason=reason,
+                           pause=f"{until_s - time.monotonic():.3f}s")
         self._note_state(served)
 
     def resume(self, served: Served) -> None:
-        """Accept again after a suspension."""
+        """Accept again after a suspension (after a shortage: try again, the connections
+        in hand first)."""
         served.resume_at = None
+        quiet = served.short  # the end of a shortage is said once a connection is served
+        while served.held:
+            if not self._start_held(served, served.held[0]):
+                return  # still short: suspended again
+            served.held.pop(0)
         for listener in served.listeners:
             listener.resume("suspended")
+        if not quiet:
+            self.log.event("resume", service=served.service.name)
+        self._note_state(served)
+
+    def _short(self, served: Served, msg: str) -> None:
+        """Out of fds, processes or memory: pause and try again later; said only when the
+        shortage begins (netd.shortage)."""
+        if not served.short:
+            served.short = True
+            self.log.event("suspend", "warning", service=served.service.name,
+                           reason="resources", pause=f"{RESOURCE_PAUSE_S:.3f}s",
+                           msg=f"{msg}; connections wait, tried again every "
+                               f"{RESOURCE_PAUSE_S:g}s until it clears")
+        self.suspend(served, time.monotonic() + RESOURCE_PAUSE_S, "resources")
+
+    def _recovered(self, served: Served) -> None:
+        """A connection is served again after a shortage."""
+        served.short = False
         self.log.event("resume", service=served.service.name)
         self._note_state(served)
 
     def _note_state(self, served: Served) -> None:
         paused = [listener.paused for listener in served.listeners]
-        state = ("suspended" if served.resume_at is not None
+        state = ("suspended" if served.resume_at is not None or served.short
                  else "busy" if paused and all("busy" in p for p in paused) else "listening")
         if state != served.state:
             served.state = state
@@ -459,6 +505,9 @@ class Spawner:
             for listener in served.listeners:
                 listener.close()
             self.loop.cancel(served.resume_at)
+            for held in served.held:
+                held.drop()
+            served.held.clear()
         self.proxies.fail_all("netd is stopping" if how == "stop" else "service gone")
         if how == "stop":
             for stream in list(self.streams):

@@ -22,7 +22,7 @@ from netd.listener import Listener
 from netd.logs import Log
 from netd.loop import EventLoop, Timer
 from netd.reports import Batch, Started, send_note
-from netd.spawn import fork_helper, signal_group
+from netd.spawn import fork_helper, lowest_fd, signal_group
 from netd.spawner import Plan, Spawner
 from netd.stderr import StderrReader, stderr_pipe
 
@@ -57,7 +57,10 @@ class SpawnerHandle:
         def main() -> None:
             log.in_child(has_loop=True)  # it never stalls its loop on a slow syslog
             try:
-                Spawner(plan, theirs, log, devnull, stderr).run()
+                # The fds its children get as their stderr, within the service's nofile.
+                Spawner(plan, theirs, log, lowest_fd(devnull),
+                        {name: (read_fd, lowest_fd(write_fd))
+                         for name, (read_fd, write_fd) in stderr.items()}).run()
             except Exception as e:  # a fault of ours: say what, then leave (status 1)
                 log.wind_up()
                 log.event("error", "err", user=plan.identity.user, pid=os.getpid(),
@@ -246,13 +249,13 @@ class Spawners:
         child = self.children.pop(pid, None)
         if child is None:
             return False
-        log_exit(self.log, child.started.service, pid, status,
-                 time.monotonic() - child.started_s)
         if child.started.wait_key is None:
             # Its place in max_children, which its dead spawner can no longer give back
             # (a wait-mode child holds none; the new spawner counts it without one).
             child.spawner.plan.pool.give_back()
         self._tell_ended(child.spawner.plan.identity, [pid], None)
+        log_exit(self.log, child.started.service, pid, status,
+                 time.monotonic() - child.started_s)
         return True
 
     def _spawner_exited(self, spawner: SpawnerHandle, status: int) -> None:

@@ -5,6 +5,9 @@
   read has a timeout, and reaching it fails the test), and the next one is served.
   Orphaned exec children keep serving their clients; the supervisor (a subreaper)
   logs their exits with their service, and gives back what they held.
+- The service user's process limit reached (RLIMIT_NPROC): the service pauses with
+  one line, the connection in hand waits with the backlog, and all are served once
+  children end.
 
 Covered elsewhere: the syslog socket gone, back or not a socket (test_logs.py), the
 notify socket unread (test_systemd.py), out of fds (test_hostile.py), SIGHUP storms
@@ -14,8 +17,13 @@ and a removed config (test_reload.py).
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
 import signal
 import socket
+import subprocess
+import time
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -23,6 +31,7 @@ import pytest
 from conftest import Netd, SyslogSink, connect, distinct_ports, free_port, wait_until
 
 WAIT_S = 10.0
+IS_ROOT = os.geteuid() == 0
 # How long a client waits for an answer before calling it a hang: far beyond the
 # spawner's restart (0.2 s) on a loaded machine, far below pytest's patience.
 HANG_S = 8.0
@@ -318,3 +327,141 @@ def test_orphans_writing_to_stderr_keep_serving_and_are_logged(
         assert echo_round(s, b"next\n") == b"next\n"
         sink.wait_for(event="stderr", service="talk", msg="said next")
     assert netd.stop() == 0
+
+
+# -- the service user's process limit ------------------------------------------------
+
+
+@pytest.fixture
+def throwaway_user() -> Iterator[str]:
+    """A system user made for this test alone (so that RLIMIT_NPROC, which counts every
+    process of the user on the machine, counts only what netd starts), removed after."""
+    # Root is exempt from RLIMIT_NPROC: the limit must bind a user of its own.
+    if not IS_ROOT:
+        pytest.skip("RLIMIT_NPROC binds a user other than netd's own only when netd "
+                    "runs as root and can start the service as that user")
+    useradd = shutil.which("useradd")
+    if useradd is None:
+        pytest.skip("no useradd to make a user whose processes only netd starts")
+    name = f"netdnp{uuid.uuid4().hex[:8]}"
+    subprocess.run([useradd, "--system", "--no-create-home", "--user-group",
+                    "--shell", "/usr/sbin/nologin", name], check=True, timeout=30)
+    try:
+        yield name
+    finally:
+        uid = pwd.getpwnam(name).pw_uid
+        for pid in [int(p) for p in os.listdir("/proc") if p.isdigit()]:
+            try:
+                if os.stat(f"/proc/{pid}").st_uid == uid:
+                    os.kill(pid, signal.SIGKILL)
+            except (FileNotFoundError, ProcessLookupError):
+                pass
+        subprocess.run(["userdel", name], check=False, timeout=30)
+
+
+def read_up(s: socket.socket) -> bytes:
+    """The first line of a HOLD child ('up'), read within HANG_S."""
+    s.settimeout(HANG_S)
+    got = b""
+    while not got.endswith(b"\n"):
+        chunk = s.recv(16)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def release(s: socket.socket) -> None:
+    """Let a HOLD child end: it answers bye and exits."""
+    s.sendall(b"go\n")
+    assert s.recv(16) == b"bye\n"
+
+
+def test_process_limit_pauses_the_service_and_connections_wait(
+        netd_and_children: Callable[..., Netd], sink: SyslogSink, throwaway_user: str) -> None:
+    """RLIMIT_NPROC 3 for the service's user: its spawner and two children. A third
+    connection cannot get a child (EAGAIN): the service is suspended with one line that
+    says so, retries quietly, and the connection in hand waits (neither closed nor
+    answered) with the one in the backlog; as children end, each is served."""
+    port = free_port()
+    netd = netd_and_children(f"""
+        services:
+          hold:
+            listen: tcp://127.0.0.1:{port}
+            exec: [/bin/sh, -c, 'echo up; read x; echo bye']
+            user: {throwaway_user}
+            rlimits: {{nproc: 3}}
+        """)
+    holders = [connect(port, timeout_s=HANG_S) for _ in range(2)]
+    waiting: list[socket.socket] = []
+    try:
+        for s in holders:
+            assert read_up(s) == b"up\n"
+        waiting.append(connect(port, timeout_s=HANG_S))  # taken in; its child fails
+        paused = sink.wait_for(event="suspend", service="hold")
+        assert paused["reason"] == "resources", paused
+        assert f"RLIMIT_NPROC 3 for user {throwaway_user}" in paused["msg"], paused
+        waiting.append(connect(port, timeout_s=HANG_S))  # left in the backlog
+        time.sleep(2.5)  # two retries or more (every RESOURCE_PAUSE_S)
+        assert len(sink.find(event="suspend", service="hold")) == 1, sink.raw[-10:]
+        assert not sink.find(event="resume") and not sink.find(event="error")
+        for s in waiting:
+            s.settimeout(0.2)
+            with pytest.raises(TimeoutError):
+                s.recv(16)  # neither answered nor closed: it waits
+        assert len(sink.find(event="accept", service="hold")) == 2
+        # One child ends: the connection in hand gets its place.
+        release(holders[0])
+        assert read_up(waiting[0]) == b"up\n"
+        sink.wait_for(event="resume", service="hold")
+        # The one from the backlog is taken in next and waits in turn (the limit is
+        # reached again: the second suspend), until the other holder ends.
+        wait_until(lambda: len(sink.find(event="suspend", service="hold")) == 2,
+                   "the second suspend")
+        release(holders[1])
+        assert read_up(waiting[1]) == b"up\n"
+        wait_until(lambda: len(sink.find(event="resume", service="hold")) == 2,
+                   "the second resume")
+        for s in waiting:
+            release(s)
+        with connect(port, timeout_s=HANG_S) as s:
+            assert read_up(s) == b"up\n"
+            release(s)
+    finally:
+        for s in holders + waiting:
+            s.close()
+    assert not sink.find(event="error")
+    assert not sink.find(event="refuse")
+    assert netd.stop() == 0
+
+
+# -- a small fd limit ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stderr", ["log", "null"])
+def test_small_nofile_in_a_netd_with_many_sockets(
+        netd_and_children: Callable[..., Netd], sink: SyslogSink, stderr: str) -> None:
+    """A service with `rlimits: {nofile: 16}` in a netd that holds forty sockets: its
+    spawner inherits what its children get as stderr (the pipe, or /dev/null) with the
+    supervisor's high fd numbers, which posix_spawn refuses above the limit (EBADF) unless
+    the spawner moves them down."""
+    port, *others = distinct_ports(41)
+    many = "".join(f"""
+          daytime{i}:
+            listen: tcp://127.0.0.1:{other}
+            builtin: daytime
+""" for i, other in enumerate(others))
+    netd_and_children(f"""
+        services:
+          small:
+            listen: tcp://127.0.0.1:{port}
+            exec: [/bin/sh, -c, 'echo to-stderr >&2; exec cat']
+            rlimits: {{nofile: 16}}
+            stderr: {stderr}
+{many}""")
+    with connect(port, timeout_s=HANG_S) as s:
+        assert echo_round(s, b"within the limit\n") == b"within the limit\n", \
+            sink.find(event="error")
+    if stderr == "log":
+        sink.wait_for(event="stderr", service="small", msg="to-stderr")
+    assert not sink.find(event="error")

@@ -782,7 +782,9 @@ def test_writable_config_on_reload_keeps_the_running_one(
 def test_out_of_fds_pauses_the_service_instead_of_spinning(
         start_netd: Callable[..., Netd], sink: SyslogSink) -> None:
     """accept() failing with EMFILE leaves the socket readable: netd must pause the
-    service (event=suspend reason=resources) and serve again once fds are free."""
+    service with one line (event=suspend reason=resources, whose msg says what ran
+    short), retry without a line per try, and, once fds are free, log one
+    event=resume and serve every connection that waited meanwhile."""
     port = free_port()
     # Its spawner as netd's own user: lowering another user's limits takes
     # CAP_SYS_RESOURCE, which root does not have everywhere (not in this sandbox).
@@ -796,8 +798,9 @@ def test_out_of_fds_pauses_the_service_instead_of_spinning(
     # The process that accepts for the service: its spawner, the supervisor's one child.
     (pid,) = children(netd.proc.pid)
     # No fd to spare: the spawner hands each connection on at once, so only a limit at
-    # what it holds already makes accept() fail.
-    limit = len(os.listdir(f"/proc/{pid}/fd"))
+    # its lowest free fd number makes accept() fail (it holds every one below).
+    held = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    limit = min(set(range(len(held) + 1)) - held)
     # The soft limit only: lowering the hard one could not be undone without
     # CAP_SYS_RESOURCE.
     subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={limit}:"], check=True, timeout=10)
@@ -805,17 +808,25 @@ def test_out_of_fds_pauses_the_service_instead_of_spinning(
     try:
         event = sink.wait_for(event="suspend", service="hold")
         assert event["reason"] == "resources"
+        assert f"out of file descriptors (RLIMIT_NOFILE {limit})" in event["msg"], event
         ticks = _cpu_ticks(pid)
         time.sleep(0.5)
         assert _cpu_ticks(pid) - ticks < 25, "netd spins while out of fds"
+        time.sleep(2.0)  # two retries or more, every second
+        assert len(sink.find(event="suspend", service="hold")) == 1, sink.raw[-10:]
+        assert not sink.find(event="resume") and not sink.find(event="error")
+        subprocess.run(["prlimit", f"--pid={pid}", "--nofile=4096:"], check=True, timeout=10)
+        sink.wait_for(event="resume", service="hold")
+        for i, c in enumerate(clients):  # they waited in the backlog
+            c.sendall(b"waited %d\n" % i)
+            assert c.recv(16) == b"waited %d\n" % i
     finally:
         for c in clients:
             c.close()
-    subprocess.run(["prlimit", f"--pid={pid}", "--nofile=4096:"], check=True, timeout=10)
-    sink.wait_for(event="resume", service="hold")
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(b"back\n")
         assert s.recv(16) == b"back\n"
+    assert len(sink.find(event="resume", service="hold")) == 1
 
 
 def _cpu_ticks(pid: int) -> int:

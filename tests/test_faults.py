@@ -7,7 +7,9 @@
   logs their exits with their service, and gives back what they held.
 - The service user's process limit reached (RLIMIT_NPROC): the service pauses with
   one line, the connection in hand waits with the backlog, and all are served once
-  children end.
+  children end. A small `nofile` limit on a service of a netd with many sockets.
+- `systemctl stop netd` during a reload: systemd sends SIGTERM to `netd reload` (its
+  ExecReload), which must end cleanly, not be killed by it (that fails the unit).
 
 Covered elsewhere: the syslog socket gone, back or not a socket (test_logs.py), the
 notify socket unread (test_systemd.py), out of fds (test_hostile.py), SIGHUP storms
@@ -22,13 +24,25 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
+import textwrap
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Netd, SyslogSink, connect, distinct_ports, free_port, wait_until
+from conftest import (
+    REPO,
+    Netd,
+    SyslogSink,
+    connect,
+    distinct_ports,
+    free_port,
+    netd_env,
+    output,
+    wait_until,
+)
 
 WAIT_S = 10.0
 IS_ROOT = os.geteuid() == 0
@@ -132,8 +146,8 @@ def netd_and_children(start_netd: Callable[..., Netd]) -> Iterator[Callable[...,
     /bin/cat must not outlive the test), then netd itself."""
     started: list[Netd] = []
 
-    def start(body: str) -> Netd:
-        netd: Netd = start_netd(body)
+    def start(body: str, env: dict[str, str] | None = None) -> Netd:
+        netd: Netd = start_netd(body, env=env)
         started.append(netd)
         return netd
 
@@ -465,3 +479,70 @@ def test_small_nofile_in_a_netd_with_many_sockets(
     if stderr == "log":
         sink.wait_for(event="stderr", service="small", msg="to-stderr")
     assert not sink.find(event="error")
+
+
+# -- SIGTERM to `netd reload` ---------------------------------------------------------
+
+# A handler module whose import, in the daemon only (NETD_TEST_SLOW_IMPORT), says it has
+# begun and then waits for the test's go: the daemon's reload (load_config imports each
+# handler module once) lasts as long as the test wants.
+SLOW_MODULE = """\
+import os
+import time
+from pathlib import Path
+
+_HERE = Path(__file__).parent
+if os.environ.get("NETD_TEST_SLOW_IMPORT"):
+    (_HERE / "importing").touch()
+    _deadline = time.monotonic() + 30
+    while not (_HERE / "go").exists() and time.monotonic() < _deadline:
+        time.sleep(0.02)
+
+
+def handle(conn, peer):
+    conn.sendall(b"slow\\n")
+"""
+
+
+def test_reload_command_ends_cleanly_on_sigterm_while_netd_reloads(
+        tmp_path: Path, netd_and_children: Callable[..., Netd], sink: SyslogSink) -> None:
+    """`netd reload` waits for the daemon's answer while a slow reload runs; SIGTERM (what
+    systemd sends it when the unit is stopped meanwhile) ends it with exit 0 and a line
+    that says so; the daemon finishes the reload, serves, and stops cleanly after."""
+    port, slow = distinct_ports(2)
+    module = f"slowimport_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{module}.py").write_text(SLOW_MODULE)
+    paths = {"PYTHONPATH": os.pathsep.join([str(REPO), str(tmp_path)])}
+    netd = netd_and_children(f"""
+        services:
+          echo:
+            listen: tcp://127.0.0.1:{port}
+            builtin: echo
+        """, env={**paths, "NETD_TEST_SLOW_IMPORT": "1"})
+    netd.config.write_text(netd.config.read_text() + textwrap.indent(textwrap.dedent(f"""\
+        slow:
+          listen: tcp://127.0.0.1:{slow}
+          python: {module}:handle
+        """), "  "))
+    reload = subprocess.Popen([sys.executable, "-m", "netd", "reload", "-c", str(netd.config)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=netd_env(paths))
+    try:
+        wait_until(lambda: (tmp_path / "importing").exists() or reload.poll() is not None,
+                   "the daemon's reload under way")
+        assert reload.poll() is None, reload.communicate(timeout=WAIT_S)
+        reload.send_signal(signal.SIGTERM)
+        out, err = reload.communicate(timeout=WAIT_S)
+    finally:
+        (tmp_path / "go").touch()
+        if reload.poll() is None:
+            reload.kill()
+            reload.communicate(timeout=WAIT_S)
+    result = subprocess.CompletedProcess(reload.args, reload.returncode, out, err)
+    assert result.returncode == 0, output(result)
+    assert "SIGTERM" in err and "reload" in err, output(result)
+    done = sink.wait_for(event="reload")
+    assert done["result"] == "ok" and done["added"] == "slow", done
+    with connect(slow, timeout_s=HANG_S) as s:
+        assert s.recv(16) == b"slow\n"
+    assert netd.stop() == 0

@@ -504,6 +504,8 @@ class Spawner:
         for served in self.served.values():
             for listener in served.listeners:
                 listener.close()
+            if how == "retire" and served.held:
+                continue  # it still starts the connections in hand, once it can
             self.loop.cancel(served.resume_at)
             for held in served.held:
                 held.drop()
@@ -527,7 +529,8 @@ class Spawner:
 
     def _done(self) -> bool:
         return (self.leaving is not None and not self.streams and not self.proxies
-                and self.children.own() == 0)
+                and self.children.own() == 0
+                and not any(served.held for served in self.served.values()))
 
 
 def _local(served: Served, listener: Listener, peer: Peer) -> str:

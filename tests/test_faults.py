@@ -18,6 +18,7 @@ and a removed config (test_reload.py).
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import shutil
@@ -122,6 +123,19 @@ def only_spawner(netd: Netd) -> int:
     return pid
 
 
+def supervisor_children(tmp_path: Path) -> int:
+    """How many children the supervisor knows of (`netd status`, over its control
+    socket at tmp_path/control.sock)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(WAIT_S)
+        s.connect(str(tmp_path / "control.sock"))
+        s.sendall(b'{"cmd": "status"}\n')
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    return int(json.loads(reply)["daemon"]["children"])
+
+
 def kill_spawner(netd: Netd, sink: SyslogSink, pid: int) -> int:
     """SIGKILL the spawner `pid`; returns its replacement's pid (netd's one child that
     was not the spawner's)."""
@@ -189,6 +203,9 @@ def test_spawner_killed_with_exec_children_and_a_backlog(
         cats = {accepted_pid(sink, s, "cat") for s in sessions}
         spawner = only_spawner(netd)
         assert cats <= children(spawner)
+        # The spawner reports its children once per wake-up: a kill within the wake-up
+        # that started them would leave them unknown to the supervisor (unlogged exits).
+        wait_until(lambda: supervisor_children(tmp_path) == 3, "the children reported")
         # Stopped, it accepts nothing: these wait in the listening socket's backlog,
         # which the supervisor holds.
         os.kill(spawner, signal.SIGSTOP)
@@ -446,6 +463,45 @@ def test_process_limit_pauses_the_service_and_connections_wait(
             s.close()
     assert not sink.find(event="error")
     assert not sink.find(event="refuse")
+    assert netd.stop() == 0
+
+
+def test_connection_waiting_for_a_process_survives_a_reload(
+        netd_and_children: Callable[..., Netd], sink: SyslogSink, throwaway_user: str) -> None:
+    """A reload that changes the service while a connection waits for a process (the
+    user's RLIMIT_NPROC reached): the retiring spawner keeps it and starts its child once
+    the limit allows, instead of closing it."""
+    port = free_port()
+    body = f"""
+        services:
+          hold:
+            listen: tcp://127.0.0.1:{port}
+            exec: [/bin/sh, -c, 'echo up; read x; echo bye']
+            user: {throwaway_user}
+            rlimits: {{nproc: 3}}
+        """
+    netd = netd_and_children(body)
+    holders = [connect(port, timeout_s=HANG_S) for _ in range(2)]
+    waiting = connect(port, timeout_s=HANG_S)
+    try:
+        for s in holders:
+            assert read_up(s) == b"up\n"
+        sink.wait_for(event="suspend", service="hold")
+        netd.config.write_text(netd.config.read_text() + "    env: {CHANGED: 'yes'}\n")
+        netd.proc.send_signal(signal.SIGHUP)
+        assert sink.wait_for(event="reload")["changed"] == "hold"
+        # The new spawner is one more process of the user: both holders must end
+        # before the retiring one may start a child.
+        for s in holders:
+            release(s)
+        assert read_up(waiting) == b"up\n"
+        release(waiting)
+        with connect(port, timeout_s=HANG_S) as s:
+            assert read_up(s) == b"up\n"
+            release(s)
+    finally:
+        for s in [*holders, waiting]:
+            s.close()
     assert netd.stop() == 0
 
 

@@ -797,6 +797,11 @@ def test_out_of_fds_pauses_the_service_instead_of_spinning(
         """)
     # The process that accepts for the service: its spawner, the supervisor's one child.
     (pid,) = children(netd.proc.pid)
+    # Once it has served a connection, its fds are those it keeps (a spawner only just
+    # forked may still hold the supervisor's, which it closes).
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"first\n")
+        assert s.recv(16) == b"first\n"
     # No fd to spare: the spawner hands each connection on at once, so only a limit at
     # its lowest free fd number makes accept() fail (it holds every one below).
     held = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}

@@ -2,7 +2,8 @@
 
     python bench/hostile.py [--quick]
 
-Starts one netd (its log going to a syslog socket read by a thread, as in production)
+Starts one netd (its log going to a syslog socket read by bench/logsink.c, as in
+production)
 with a probe service (builtin daytime), an exec service held full at `instances: 5`,
 a PROXY-protocol service and an echo service with a 1 s idle timeout. A prober connects
 to the probe every 20 ms and times each answer: first with netd idle (the baseline),
@@ -25,7 +26,6 @@ import os
 import random
 import socket
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
@@ -33,7 +33,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from run import SyslogSink, free_port, netd_env, netd_python, stop, wait_tcp
+from bootstrap import ensure_venv
+from servers import Netd, build, free_port
 
 PROBE_EVERY_S = 0.02
 IO_TIMEOUT_S = 10.0
@@ -125,31 +126,24 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="small attacks (a few seconds)")
     args = parser.parse_args()
     scale = 0.1 if args.quick else 1.0
+    ensure_venv(__file__)
     ports = {name: free_port() for name in ("probe", "held", "pp", "echo")}
     with tempfile.TemporaryDirectory(prefix="netd-hostile-") as tmp:
-        work = Path(tmp)
-        sink = SyslogSink(work / "log.sock")
-        config = work / "netd.yaml"
-        config.write_text(f"""\
-log: {{to: syslog, syslog_address: {work / 'log.sock'}}}
-daemon: {{pidfile: {work / 'netd.pid'}, control: {work / 'control.sock'}}}
-services:
-  probe: {{listen: 'tcp://127.0.0.1:{ports['probe']}', builtin: daytime}}
-  held:
-    listen: tcp://127.0.0.1:{ports['held']}
-    exec: [/bin/sh, -c, 'echo up; read x']
-    limits: {{instances: 5}}
-  pp:
-    listen: tcp://127.0.0.1:{ports['pp']}
-    exec: [/bin/cat]
-    proxy_protocol: {{from: [127.0.0.1], timeout: 1s}}
-  echo: {{listen: 'tcp://127.0.0.1:{ports['echo']}', builtin: echo, timeout: 1s}}
-""")
-        proc = subprocess.Popen([netd_python(), "-m", "netd", "run", "-c", str(config)],
-                                env=netd_env(), stdout=subprocess.DEVNULL,
-                                stderr=subprocess.DEVNULL, start_new_session=True)
+        netd = Netd("netd", Path(tmp), f"""\
+probe: {{listen: 'tcp://127.0.0.1:{ports['probe']}', builtin: daytime}}
+held:
+  listen: tcp://127.0.0.1:{ports['held']}
+  exec: [/bin/sh, -c, 'echo up; read x']
+  limits: {{instances: 5}}
+pp:
+  listen: tcp://127.0.0.1:{ports['pp']}
+  exec: [/bin/cat]
+  proxy_protocol: {{from: [127.0.0.1], timeout: 1s}}
+echo: {{listen: 'tcp://127.0.0.1:{ports['echo']}', builtin: echo, timeout: 1s}}
+""", build("logsink"))
+        netd.add("probe", "probe", ports["probe"])
         try:
-            wait_tcp(ports["probe"], proc)
+            netd.start()
             holders = held(ports["held"], 5)
             attacks: list[tuple[str, Callable[[], None]]] = [
                 ("idle", lambda: time.sleep(max(0.5, 2 * scale))),
@@ -165,13 +159,13 @@ services:
                 rows.append((name, prober.stop()))
             for s in holders:
                 s.close()
+            refused = netd.refused()
         finally:
-            stop(proc)
-            sink.close()
+            netd.stop()
     base = statistics.median(rows[0][1].latencies or [float("nan")])
-    print(f"netd (pid {proc.pid}) probe latency, one probe every {PROBE_EVERY_S * 1000:.0f} ms"
+    print(f"netd (pid {netd.main_pid}) probe latency, one probe every {PROBE_EVERY_S * 1000:.0f} ms"
           f"{' (--quick)' if args.quick else ''}; {os.cpu_count()} CPUs\n")
-    print(f"netd logged {sink.refusals} refusals and {sink.lines} lines in all.\n")
+    print(f"netd refused {refused} connections and logged {netd.log_lines} lines in all.\n")
     print("| attack | probes | failed | median ms | worst ms | worst / idle median |")
     print("|---|---|---|---|---|---|")
     for name, prober in rows:

@@ -12,7 +12,8 @@
  *
  * Every run stops by itself: after COUNT operations or SECONDS, whichever is first
  * (connections still in flight at the deadline are dropped and not counted).
- * Prints one JSON line: rate, p50/p99 latency, errors, and the CPU time loadgen used.
+ * Prints one JSON line: operations started and done, rate, p50/p99 latency, errors, and
+ * the CPU time loadgen used.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -96,10 +97,11 @@ static void report(double elapsed, double cpu, double bytes)
 {
     qsort(lat, nlat, sizeof *lat, cmp_double);
     double rate = elapsed > 0 ? done_n / elapsed : 0.0;
-    printf("{\"mode\":\"%s\",\"port\":%d,\"conc\":%d,\"done\":%ld,\"errors\":%ld,"
+    printf("{\"mode\":\"%s\",\"port\":%d,\"conc\":%d,\"started\":%ld,\"done\":%ld,"
+           "\"errors\":%ld,"
            "\"timeouts\":%ld,\"short_reads\":%ld,\"elapsed_s\":%.3f,\"rate\":%.1f,"
            "\"p50_ms\":%.3f,\"p99_ms\":%.3f,\"mb_s\":%.1f,\"cpu_s\":%.3f}\n",
-           mode, port, conc, done_n, errors, timeouts, short_reads, elapsed, rate,
+           mode, port, conc, started_n, done_n, errors, timeouts, short_reads, elapsed, rate,
            percentile(50) * 1e3, percentile(99) * 1e3,
            elapsed > 0 ? bytes / elapsed / 1e6 : 0.0, cpu);
 }
@@ -328,6 +330,7 @@ static void run_bulk(void)
     int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0)
         die("socket");
+    started_n = 1;
     if (connect(fd, (struct sockaddr *)&addr, sizeof addr) < 0) {
         errors++;
         goto out;

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import socket
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 
 def describe(sockaddr: object, family: int) -> str:
@@ -19,12 +19,12 @@ def describe(sockaddr: object, family: int) -> str:
     return str(sockaddr)
 
 
-@dataclass(frozen=True, slots=True)
-class Peer:
+class Peer(NamedTuple):
     """The client of one connection (or datagram) and the address it came in on.
 
     IP peers have `remote` and `local` as (ip, port); unix peers have `local_path` and,
-    for stream connections, the client's pid, uid and gid (SO_PEERCRED).
+    for stream connections, the client's pid, uid and gid (SO_PEERCRED). A tuple: one
+    is made per connection, and a tuple is the cheapest immutable record to make.
     """
 
     proto: str

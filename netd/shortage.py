@@ -4,11 +4,12 @@ recovery said once.
 accept() failing for want of fds, or the start of a child failing for want of
 processes (fork's EAGAIN: the user's RLIMIT_NPROC, or the system's pid or thread
 limit) or memory, leaves the socket readable, and the next try would fail the same
-way: the spawner pauses the service instead and tries again every RESOURCE_PAUSE_S.
-Connections wait in the backlog, and a connection in hand whose child could not be
-started waits too (`Held`), first in line. One `event=suspend reason=resources` line
-says what ran short when the shortage begins; the retries log nothing; one
-`event=resume` says when the service accepts again.
+way: the spawner pauses the service instead and tries again every RESOURCE_PAUSE_S,
+with the first connection in hand whose child could not be started (a `Waiter`), or
+the next one accepted. Connections wait in the backlog, and those in hand wait too;
+once one gets its child, the others follow and the service accepts again. One
+`event=suspend reason=resources` line says what ran short when the shortage begins;
+the retries log nothing; one `event=resume` says when a connection got through.
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ START_SHORTAGES = (errno.EAGAIN, *ACCEPT_SHORTAGES)
 
 
 @dataclass(eq=False, slots=True)
-class Held:
-    """A connection accepted and admitted whose child could not be started yet."""
+class Waiter:
+    """A connection accepted and admitted whose child could not be started yet: it
+    keeps its admission ticket while it waits."""
 
     listener: Listener
     conn: socket.socket
@@ -42,7 +44,7 @@ class Held:
     ticket: Ticket
 
     def drop(self) -> None:
-        """Close it and give back what it holds (the spawner is leaving)."""
+        """Close it and give back its ticket (its child will not be started)."""
         self.conn.close()
         self.ticket.release()
 

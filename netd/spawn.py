@@ -29,7 +29,14 @@ from netd.handlers.python import load_handler
 from netd.logs import Log
 from netd.peer import Peer
 
-ALL_SIGNALS = tuple(s for s in signal.valid_signals() if s not in (signal.SIGKILL, signal.SIGSTOP))
+
+def ignored_signals() -> tuple[signal.Signals, ...]:
+    """The signals this process ignores: the only ones exec does not reset by itself
+    (a handled signal reverts to its default in the new program, an ignored one stays
+    ignored), so the only ones a spawned child needs reset."""
+    return tuple(sig for sig in signal.valid_signals()
+                 if sig not in (signal.SIGKILL, signal.SIGSTOP)
+                 and signal.getsignal(sig) == signal.SIG_IGN)
 
 
 def exec_env(service: Service, peer: Peer) -> dict[str, str]:
@@ -47,34 +54,84 @@ def exec_env(service: Service, peer: Peer) -> dict[str, str]:
     return env
 
 
-def spawn_exec(program: str, argv: tuple[str, ...], env: dict[str, str], conn_fd: int,
-               stderr_fd: int) -> int:
-    """Start `program` with `argv` (argv[0] may name another program, as tcpd wants) and
-    conn_fd as stdin and stdout; returns the child's pid.
+class ExecSpawn:
+    """Starts programs with libc's posix_spawn (vfork + exec), called through ctypes so
+    that the GIL is released while the parent waits for the child to exec: a spawner
+    calls it from a thread of its own, and its loop accepts and logs meanwhile (the
+    wait is most of a spawn, and os.posix_spawn holds the GIL through it). Everything
+    else is done holding the GIL: each release costs a hand-over between the threads.
 
-    Every other fd of its parent is close-on-exec (Python's default), so the
-    program holds exactly 0, 1 and 2. It gets default signal dispositions, an empty
-    signal mask and its own session, so a Ctrl-C at netd's terminal reaches netd only.
+    Each child gets the connection as fd 0 and 1 and the stderr target as fd 2; every
+    other fd of its parent is close-on-exec (Python's default), so the program holds
+    exactly 0, 1 and 2. It gets default signal dispositions (exec resets handled
+    signals by itself; `ignored`, from ignored_signals(), are reset by the child while
+    its parent waits), an empty signal mask and its own session, so a Ctrl-C at netd's
+    terminal reaches netd only.
     """
-    return os.posix_spawn(
-        program, argv, env,
-        file_actions=[
-            (os.POSIX_SPAWN_DUP2, conn_fd, 0),
-            (os.POSIX_SPAWN_DUP2, conn_fd, 1),
-            (os.POSIX_SPAWN_DUP2, stderr_fd, 2),
-        ],
-        setsigdef=ALL_SIGNALS,
-        setsigmask=(),
-        setsid=True,
-    )
+
+    def __init__(self, ignored: tuple[signal.Signals, ...]) -> None:
+        # The attributes and each program's argv are the same for every child: made
+        # once, and only read by spawns.
+        self.attr = ctypes.create_string_buffer(_SPAWN_STRUCT_BYTES)
+        self.reset = ctypes.create_string_buffer(_SIGSET_BYTES)
+        self.mask = ctypes.create_string_buffer(_SIGSET_BYTES)
+        _HOLDING.posix_spawnattr_init(self.attr)
+        _HOLDING.sigemptyset(self.reset)
+        for sig in ignored:
+            _HOLDING.sigaddset(self.reset, int(sig))
+        _HOLDING.sigemptyset(self.mask)
+        _HOLDING.posix_spawnattr_setsigdefault(self.attr, self.reset)
+        _HOLDING.posix_spawnattr_setsigmask(self.attr, self.mask)
+        _HOLDING.posix_spawnattr_setflags(self.attr, _SETSIGDEF | _SETSIGMASK | _SETSID)
+        self.programs: dict[tuple[str, tuple[str, ...]],
+                            tuple[bytes, ctypes.Array[ctypes.c_char_p]]] = {}
+
+    def __call__(self, program: str, argv: tuple[str, ...], env: dict[str, str],
+                 conn_fd: int, stderr_fd: int) -> int:
+        """Start `program` with `argv` (argv[0] may name another program, as tcpd wants)
+        on conn_fd; returns the child's pid, or raises OSError."""
+        made = self.programs.get((program, argv))
+        if made is None:
+            made = self.programs[(program, argv)] = (os.fsencode(program), _strings(argv))
+        actions = ctypes.create_string_buffer(_SPAWN_STRUCT_BYTES)
+        _HOLDING.posix_spawn_file_actions_init(actions)
+        try:
+            _HOLDING.posix_spawn_file_actions_adddup2(actions, conn_fd, 0)
+            _HOLDING.posix_spawn_file_actions_adddup2(actions, conn_fd, 1)
+            _HOLDING.posix_spawn_file_actions_adddup2(actions, stderr_fd, 2)
+            pid = ctypes.c_int()
+            failed = _RELEASING.posix_spawn(ctypes.byref(pid), made[0], actions, self.attr,
+                                            made[1], _strings([f"{k}={v}"
+                                                               for k, v in env.items()]))
+        finally:
+            _HOLDING.posix_spawn_file_actions_destroy(actions)
+        if failed:
+            raise OSError(failed, os.strerror(failed), program)
+        return pid.value
+
+
+# libc twice: through CDLL a call releases the GIL (for posix_spawn's wait), through
+# PyDLL it keeps it (for the quick calls around it).
+_RELEASING = ctypes.CDLL(None, use_errno=True)
+_HOLDING = ctypes.PyDLL(None, use_errno=True)
+# glibc's posix_spawnattr_t is 336 bytes and posix_spawn_file_actions_t 80: room to spare.
+_SPAWN_STRUCT_BYTES = 1024
+_SIGSET_BYTES = 128
+_SETSIGDEF, _SETSIGMASK, _SETSID = 0x04, 0x08, 0x80  # POSIX_SPAWN_* in glibc's spawn.h
+
+
+def _strings(items: list[str] | tuple[str, ...]) -> ctypes.Array[ctypes.c_char_p]:
+    """A NULL-terminated array of C strings, as argv and envp are."""
+    return (ctypes.c_char_p * (len(items) + 1))(*(os.fsencode(item) for item in items), None)
 
 
 def lowest_fd(fd: int) -> int:
     """`fd` moved to the lowest free number, if that is lower (the old one is closed).
 
-    posix_spawn refuses to give a child an fd whose number is at or above RLIMIT_NOFILE
-    (EBADF), and a helper inherits its fds with the supervisor's numbers, which grow
-    with its listeners, while a service's `rlimits: {nofile: N}` may be small.
+    posix_spawn's file actions refuse an fd whose number is at or above RLIMIT_NOFILE
+    (EBADF: the child would keep the spawner's own fd 2), and a helper inherits its fds
+    with the supervisor's numbers, which grow with its listeners, while a service's
+    `rlimits: {nofile: N}` may be small.
     """
     low = os.dup(fd)
     if low > fd:

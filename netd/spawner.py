@@ -41,13 +41,22 @@ from netd.shortage import (
     ACCEPT_SHORTAGES,
     RESOURCE_PAUSE_S,
     START_SHORTAGES,
-    Held,
+    Waiter,
     what_ran_short,
 )
-from netd.spawn import exec_env, fork_handler, serve_python, signal_group, spawn_exec
+from netd.spawn import (
+    ExecSpawn,
+    exec_env,
+    fork_handler,
+    ignored_signals,
+    serve_python,
+    signal_group,
+)
+from netd.spawnthread import SpawnQueue, SpawnRequest
 from netd.stderr import StderrPipe
 
 ACCEPTS_PER_WAKEUP = 64
+MAX_SPAWNING = 32          # exec children waiting for the spawn thread, at most
 DATAGRAMS_PER_WAKEUP = 64
 KILL_GRACE_S = 5.0         # after max_duration's SIGTERM, SIGKILL
 # A UDP builtin never answers port 0 or another small-services port: that is how two
@@ -78,8 +87,9 @@ class Served:
     stderr: StderrPipe | None = None
     state: str = "listening"
     resume_at: Timer | None = None
+    running: int = 0  # children of its own this spawner started and has not reaped
     short: bool = False  # out of fds, processes or memory (netd.shortage) until it serves again
-    held: list[Held] = field(default_factory=list)
+    waiting: list[Waiter] = field(default_factory=list)  # connections waiting out a shortage
 
 
 class Spawner:
@@ -95,27 +105,32 @@ class Spawner:
         self.loop = EventLoop()
         self.children = ChildTable()
         self.streams: set[InlineStream] = set()
+        self.early_exits: dict[int, int] = {}  # pid: status, reaped before known started
+        self.held: set[Listener] = set()  # paused while the spawn thread catches up
         self.leaving: str | None = None  # "retire" or "stop"
-        self.report = Reporter(link)
+        self.report = Reporter(link, self.loop)
         self.served = {service.name: Served(service, listeners)
                        for service, listeners in plan.services}
         self.proxies: ProxyGate[tuple[Served, Listener]] = ProxyGate(
             self.loop, self._proxied, self._proxy_refused)
         for started in plan.inherited:
             self._inherit(started)
+        # Signals: SIGCHLD and SIGTERM reach the loop through the wake-up socket.
+        self.wake_r, wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        signal.set_wakeup_fd(wake_w.detach(), warn_on_full_buffer=False)
+        for sig in (signal.SIGCHLD, signal.SIGTERM):
+            signal.signal(sig, _note_signal)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        # Made once the dispositions are set: it resets what this process ignores.
+        self.spawns = SpawnQueue(self.loop, ExecSpawn(ignored_signals()), self._spawned)
 
     # -- setting up -----------------------------------------------------------------
 
     def run(self) -> None:
         """Serve until retired or stopped and every child has ended."""
-        wake_r, wake_w = socket.socketpair()
-        wake_r.setblocking(False)
-        wake_w.setblocking(False)
-        signal.set_wakeup_fd(wake_w.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGCHLD, signal.SIGTERM):
-            signal.signal(sig, _note_signal)
-        signal.signal(signal.SIGHUP, signal.SIG_IGN)
-        self.loop.watch(wake_r, lambda: self._signals(wake_r))
+        self.loop.watch(self.wake_r, self._signals)
         self.link.setblocking(False)
         self.loop.watch(self.link, self._notes)
         for served in self.served.values():
@@ -123,10 +138,12 @@ class Spawner:
         self.report.ready()
         self._reap()  # a child that ended before the handlers were in place
         while not self._done():
-            self.report.flush()  # what this wake-up did, in one batch
+            self.spawns.collect()
+            self.report.send_due()  # what this wake-up did, in a batch now or soon
             self.log.pump(self.loop)
             self.loop.run_once()
         self.report.flush()
+        self.spawns.close()
         self.log.wind_up()
         self.log.flush()
 
@@ -166,6 +183,11 @@ class Spawner:
         """Take what is queued on a stream listener, each connection through the policy."""
         service = served.service
         for _ in range(ACCEPTS_PER_WAKEUP):
+            if self.spawns.pending >= MAX_SPAWNING and service.kind == "exec":
+                # The spawn thread is behind: connections wait in the kernel's queue.
+                listener.pause("spawning")
+                self.held.add(listener)
+                return
             if served.window is not None:
                 now = time.monotonic()
                 suspend = check_rate(served.window, service.limits, now)
@@ -214,42 +236,78 @@ class Spawner:
         ticket = Ticket(served.counters, source, None if inline else pool)
         if inline:
             self._stream(served, listener, conn, peer, ticket)
-            return
-        held = Held(listener, conn, peer, remote, ticket)
-        if served.held or not self._start_held(served, held):
-            served.held.append(held)  # it waits, in line, for the end of a shortage
-
-    def _start_held(self, served: Served, held: Held) -> bool:
-        """Start the child of an admitted connection; False when the service is short of
-        processes (or fds, or memory) and the connection must wait."""
-        pid = self._start(served, held.conn, held.peer, held.remote)
-        if pid is None and served.short and served.resume_at is not None:
-            return False
-        held.conn.close()
-        if pid is None:
-            held.ticket.release()
+        elif served.waiting:  # behind those that wait out a shortage
+            served.waiting.append(Waiter(listener, conn, peer, remote, ticket))
         else:
-            self._started(served, Child(pid, served.service.name, held.ticket),
-                          held.listener, held.peer, None)
-        return True
+            self._start(served, listener, conn, peer, remote, ticket, None)
 
-    def _start(self, served: Served, sock: socket.socket, peer: Peer, remote: object) -> int | None:
-        """Start the child that serves `sock` (a connection, or a wait-mode socket)."""
+    def _start(self, served: Served, listener: Listener, sock: socket.socket, peer: Peer,
+               remote: object, ticket: Ticket | None, mode: str | None) -> None:
+        """Start the child that serves `sock`: a connection (ours to close) or, in wait
+        mode, the listening socket itself. An exec child is started by the spawn thread
+        (its result comes back through _spawned); a python handler's is forked here."""
         service = served.service
+        waits = mode == "wait"
+        if service.kind == "exec":
+            stderr = served.stderr.write_fd if served.stderr is not None else self.devnull
+            self.spawns.submit(SpawnRequest(
+                service.program or service.argv[0], service.argv, exec_env(service, peer),
+                sock.fileno() if waits else sock.detach(), stderr, keep_fd=waits,
+                context=(served, listener, peer, ticket, mode)))
+            return
         try:
-            if service.kind == "exec":
-                stderr = served.stderr.write_fd if served.stderr is not None else self.devnull
-                return spawn_exec(service.program or service.argv[0], service.argv,
-                                  exec_env(service, peer), sock.fileno(), stderr)
-            return fork_handler(lambda: serve_python(service, sock, remote),
-                                [sock.fileno(), *self.log.fds()], self.log, service.name)
+            pid = fork_handler(lambda: serve_python(service, sock, remote),
+                               [sock.fileno(), *self.log.fds()], self.log, service.name)
         except OSError as e:
-            if e.errno in START_SHORTAGES:
-                self._short(served, f"cannot start a child: {what_ran_short(e)}")
-            else:
-                self.log.event("error", "err", service=service.name,
-                               msg=f"cannot start child: {e}")
-            return None
+            waiter = None
+            if ticket is not None:  # a connection, not a wait-mode socket
+                waiter = Waiter(listener, sock, peer, remote, ticket)
+            self._not_started(served, listener, ticket, mode, e, waiter)
+            return
+        if not waits:
+            sock.close()
+        self._started(served, Child(pid, service.name, ticket,
+                                    wait_key=str(listener.address) if waits else None),
+                      listener, peer, mode)
+
+    def _spawned(self, request: SpawnRequest) -> None:
+        """The spawn thread started (or failed to start) an exec child."""
+        served, listener, peer, ticket, mode = request.context
+        if request.pid is None:
+            assert request.error is not None
+            waiter = None
+            if ticket is not None:  # a connection, still open (SpawnQueue closes it once
+                # started): it may wait out a shortage
+                waiter = Waiter(listener, socket.socket(fileno=request.fd), peer, None, ticket)
+            self._not_started(served, listener, ticket, mode, request.error, waiter)
+        else:
+            self._started(served, Child(request.pid, served.service.name, ticket,
+                                        wait_key=str(listener.address) if mode == "wait"
+                                        else None), listener, peer, mode)
+        if self.held and self.spawns.pending <= MAX_SPAWNING // 2:
+            for held in self.held:
+                held.resume("spawning")
+            self.held.clear()
+
+    def _not_started(self, served: Served, listener: Listener, ticket: Ticket | None,
+                     mode: str | None, error: OSError, waiter: Waiter | None) -> None:
+        """A child could not be started: for want of processes, memory or fds, the
+        service pauses and the connection (`waiter`, None in wait mode) waits first in
+        line; for any other reason, the connection is closed."""
+        if mode == "wait":
+            listener.resume("busy")
+            self._note_state(served)
+        if error.errno in START_SHORTAGES:
+            if waiter is not None:
+                served.waiting.insert(0, waiter)
+            self._short(served, f"cannot start a child: {what_ran_short(error)}")
+            return
+        self.log.event("error", "err", service=served.service.name,
+                       msg=f"cannot start child: {error}")
+        if waiter is not None:
+            waiter.drop()
+        elif ticket is not None:
+            ticket.release()
 
     def _started(self, served: Served, child: Child, listener: Listener, peer: Peer,
                  mode: str | None) -> None:
@@ -257,6 +315,7 @@ class Spawner:
         if served.short:
             self._recovered(served)
         self.children.add(child)
+        served.running += 1
         self.report.accepted(service.name)
         if service.max_duration_s is not None:
             child.deadline = self.loop.after(
@@ -266,6 +325,12 @@ class Spawner:
                                        child.pid, mode))
         self.report.started(Started(child.pid, service.name, child.ticket.source
                                     if child.ticket else None, child.wait_key))
+        if mode == "wait":
+            self._note_state(served)
+        status = self.early_exits.pop(child.pid, None)
+        if status is not None:  # it ended before the spawn thread said it had started
+            self.children.pop(child.pid)
+            self._ended(child, status)
 
     def _refuse(self, served: Served, peer: Peer, reason: str, **detail: object) -> None:
         self.report.refused(served.service.name)
@@ -336,13 +401,7 @@ class Spawner:
         """Hand the listening socket to one child; watch it again once that child ends."""
         listener.pause("busy")
         peer = Peer.of(listener.sock, listener.address.proto, None)
-        pid = self._start(served, listener.sock, peer, None)
-        if pid is None:
-            listener.resume("busy")
-            return
-        child = Child(pid, served.service.name, wait_key=str(listener.address))
-        self._started(served, child, listener, peer, "wait")
-        self._note_state(served)
+        self._start(served, listener, listener.sock, peer, None, None, "wait")
 
     # -- PROXY protocol headers -----------------------------------------------------
 
@@ -376,23 +435,24 @@ class Spawner:
         self._note_state(served)
 
     def resume(self, served: Served) -> None:
-        """Accept again after a suspension (after a shortage: try again, the connections
-        in hand first)."""
+        """Accept again after a suspension; after a shortage, try again: with the first
+        connection that waits (the others follow once it has its child), or with the
+        next one accepted."""
         served.resume_at = None
-        quiet = served.short  # the end of a shortage is said once a connection is served
-        while served.held:
-            if not self._start_held(served, served.held[0]):
-                return  # still short: suspended again
-            served.held.pop(0)
+        if served.short and served.waiting:
+            waiter = served.waiting.pop(0)
+            self._start(served, waiter.listener, waiter.conn, waiter.peer, waiter.remote,
+                        waiter.ticket, None)
+            return
         for listener in served.listeners:
             listener.resume("suspended")
-        if not quiet:
+        if not served.short:
             self.log.event("resume", service=served.service.name)
         self._note_state(served)
 
     def _short(self, served: Served, msg: str) -> None:
-        """Out of fds, processes or memory: pause and try again later; said only when the
-        shortage begins (netd.shortage)."""
+        """Out of fds, processes or memory: pause, and try again every RESOURCE_PAUSE_S;
+        said once, when the shortage begins (netd.shortage)."""
         if not served.short:
             served.short = True
             self.log.event("suspend", "warning", service=served.service.name,
@@ -402,9 +462,17 @@ class Spawner:
         self.suspend(served, time.monotonic() + RESOURCE_PAUSE_S, "resources")
 
     def _recovered(self, served: Served) -> None:
-        """A connection is served again after a shortage."""
+        """A connection got through again after a shortage: the ones waiting follow, and
+        the service accepts again."""
         served.short = False
         self.log.event("resume", service=served.service.name)
+        if served.resume_at is None:  # not paused meanwhile (by the rate or a new shortage)
+            for listener in served.listeners:
+                listener.resume("suspended")
+        waiting, served.waiting = served.waiting, []
+        for waiter in waiting:
+            self._start(served, waiter.listener, waiter.conn, waiter.peer, waiter.remote,
+                        waiter.ticket, None)
         self._note_state(served)
 
     def _note_state(self, served: Served) -> None:
@@ -428,6 +496,8 @@ class Spawner:
             child = self.children.pop(pid)
             if child is not None:
                 self._ended(child, status)
+            elif self.spawns.pending:
+                self.early_exits[pid] = status  # its start has not been collected yet
 
     def _ended(self, child: Child, status: int | None) -> None:
         """Log a child's end (status None: not ours to reap) and free what it held."""
@@ -452,11 +522,12 @@ class Spawner:
                 if str(listener.address) == child.wait_key:
                     listener.resume("busy")
             self._note_state(served)
-        if served.stderr is not None and not any(c.service == child.service
-                                                 for c in self.children if c.own):
-            # The pipe is shared by the service's children: with none left, a last line
-            # without its newline is complete.
-            served.stderr.drain()
+        if child.own:
+            served.running -= 1
+            if served.stderr is not None and not served.running:
+                # The pipe is shared by the service's children: with none left, a last
+                # line without its newline is complete.
+                served.stderr.drain()
 
     def _expire(self, child: Child, sig: signal.Signals) -> None:
         """A child ran past max_duration: SIGTERM, then SIGKILL KILL_GRACE_S later."""
@@ -469,9 +540,9 @@ class Spawner:
 
     # -- what the supervisor and signals say ----------------------------------------
 
-    def _signals(self, wake: socket.socket) -> None:
+    def _signals(self) -> None:
         try:
-            received = set(wake.recv(256))
+            received = set(self.wake_r.recv(256))
         except BlockingIOError:
             return
         if signal.SIGTERM in received:
@@ -489,6 +560,8 @@ class Spawner:
                 self.leave("retire")
             elif "stop" in note:
                 self.leave("stop", float(note["stop"]))
+            if "sync" in note:
+                self.report.sync(int(note["sync"]))
             for pid in note.get("ended", ()):
                 child = self.children.pop(int(pid))
                 if child is not None:
@@ -504,12 +577,12 @@ class Spawner:
         for served in self.served.values():
             for listener in served.listeners:
                 listener.close()
-            if how == "retire" and served.held:
-                continue  # it still starts the connections in hand, once it can
+            if how == "retire" and served.waiting:
+                continue  # it still starts the connections waiting out a shortage
             self.loop.cancel(served.resume_at)
-            for held in served.held:
-                held.drop()
-            served.held.clear()
+            for waiter in served.waiting:
+                waiter.drop()
+            served.waiting.clear()
         self.proxies.fail_all("netd is stopping" if how == "stop" else "service gone")
         if how == "stop":
             for stream in list(self.streams):
@@ -529,8 +602,8 @@ class Spawner:
 
     def _done(self) -> bool:
         return (self.leaving is not None and not self.streams and not self.proxies
-                and self.children.own() == 0
-                and not any(served.held for served in self.served.values()))
+                and not self.spawns.pending and self.children.own() == 0
+                and not any(served.waiting for served in self.served.values()))
 
 
 def _local(served: Served, listener: Listener, peer: Peer) -> str:

@@ -9,6 +9,7 @@ reported, and what each service accepted and refused.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import socket
 import time
@@ -29,6 +30,8 @@ from netd.stderr import StderrReader, stderr_pipe
 RESTART_S = 0.2       # a spawner that died is replaced after this, doubling
 RESTART_MAX_S = 30.0  # while its replacements keep dying young,
 STABLE_S = 10.0       # that is, within this long
+SYNC_TIMEOUT_S = 0.5  # how long counters shown may wait for the spawners' latest
+SETTLE_TIMEOUT_S = 2.0  # how long a reload waits for its new spawners to serve
 
 Group = tuple[tuple[Service, tuple[Listener, ...]], ...]  # the services of one identity
 
@@ -42,6 +45,8 @@ class SpawnerHandle:
         self.loop = loop
         self.on_batch = on_batch
         self.retired = False
+        self.synced = 0  # the last sync note it answered
+        self.ready = False  # it serves every socket of its plan
         # The spawners it takes over from: they serve on until it is ready.
         self.replaces: list[SpawnerHandle] = []
         self.link, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -96,7 +101,19 @@ class SpawnerHandle:
             if not data:  # it has left (its exit is reaped through SIGCHLD)
                 self.loop.unwatch(self.link)
                 return
-            self.on_batch(self, Batch.decode(data))
+            batch = Batch.decode(data)
+            if batch.synced is not None:
+                self.synced = batch.synced
+            self.ready = self.ready or batch.ready
+            self.on_batch(self, batch)
+
+    def read_until(self, done: Callable[[SpawnerHandle], bool], deadline_s: float) -> None:
+        """Take in batches until done(self) (or the deadline, or the spawner has left)."""
+        while not done(self) and self.loop.watching(self.link):
+            left_s = deadline_s - time.monotonic()
+            if left_s <= 0 or not select.select([self.link], [], [], left_s)[0]:
+                return
+            self.read()
 
     def retire(self) -> None:
         """Stop accepting, let the children finish, then leave."""
@@ -165,20 +182,36 @@ class Spawners:
         self.pool = ChildPool(None)
         self.stop_timeout_s = 0.0
         self.stopping = False
+        self.syncs = 0
 
     def deploy(self, groups: dict[Identity, Group], pool: ChildPool,
                stop_timeout_s: float) -> None:
         """Have one spawner serve each group; replace those whose group changed (the old
         one finishes what it serves) and retire those with none left."""
         self.groups, self.pool, self.stop_timeout_s = groups, pool, stop_timeout_s
-        for identity in list(self.serving):
-            if identity not in groups:
-                self.serving.pop(identity).retire()
+        gone = [self.serving.pop(identity) for identity in list(self.serving)
+                if identity not in groups]
         for identity, services in groups.items():
             current = self.serving.get(identity)
             if (current is None or current.plan.services != services
                     or current.plan.pool is not pool):
                 self._start(identity)
+        self._settle(gone)
+
+    def _settle(self, gone: list[SpawnerHandle]) -> None:
+        """Wait (a little) until new spawners serve, then have the ones they replace and
+        those with nothing left to serve stop accepting: when a reload is done, new
+        connections meet the new config."""
+        deadline_s = time.monotonic() + SETTLE_TIMEOUT_S
+        for spawner in list(self.serving.values()):
+            if spawner.replaces:
+                spawner.read_until(lambda s: s.ready, deadline_s)
+                if spawner.ready:
+                    gone += spawner.replaces
+                    spawner.replaces = []
+        for spawner in gone:
+            spawner.retired = True
+        self._sync(gone, {"retire": True})
 
     def _start(self, identity: Identity) -> None:
         """Fork the spawner of `identity`, counting the children of its earlier spawners
@@ -232,10 +265,22 @@ class Spawners:
         if current is not None and current is not reporter:
             current.ended(pids)
 
-    def read(self) -> None:
-        """Take in what every spawner has reported so far (so counters are current)."""
-        for spawner in list(self.by_pid.values()):
-            spawner.read()
+    def sync(self) -> None:
+        """Take in everything every spawner has noted so far (so that counters shown or
+        carried over a reload are current): ask each, and wait for the answers, at most
+        SYNC_TIMEOUT_S in all (a spawner that does not answer is not waited for)."""
+        self.syncs += 1
+        self._sync(list(self.by_pid.values()), {})
+
+    def _sync(self, spawners: list[SpawnerHandle], note: dict[str, object]) -> None:
+        """Send each spawner `note` with a sync, and wait for their answers."""
+        self.syncs += 1
+        number = self.syncs
+        asked = [spawner for spawner in spawners
+                 if send_note(spawner.link, {**note, "sync": number})]
+        deadline_s = time.monotonic() + SYNC_TIMEOUT_S
+        for spawner in asked:
+            spawner.read_until(lambda s: s.synced >= number, deadline_s)
 
     # -- processes that exited --------------------------------------------------------
 

@@ -221,7 +221,7 @@ class Supervisor:
     def reload(self) -> dict[str, Any]:
         """Re-read the config file and apply the difference; on any error keep all as is."""
         self.notifier.reloading()
-        self.spawners.read()
+        self.spawners.sync()
         try:
             changes = self.apply(load_config(self.config.path))
         except ConfigError as e:
@@ -344,7 +344,7 @@ class Supervisor:
 
     def status(self) -> dict[str, Any]:
         """What `netd status` shows: the daemon, then every service with its counters."""
-        self.spawners.read()
+        self.spawners.sync()
         children: dict[str, int] = {}
         held = set()
         for child in self.spawners.children.values():

@@ -312,6 +312,18 @@ def recv_all(s: socket.socket, limit: int = 1 << 20) -> bytes:
     return b"".join(chunks)
 
 
+def children_of(pid: int) -> set[int]:
+    """The pids whose parent is `pid`, started by any of its threads (a spawner starts
+    programs from a thread of its own)."""
+    found: set[int] = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found.update(int(p) for p in (task / "children").read_text().split())
+        except OSError:
+            pass  # the thread ended meanwhile
+    return found
+
+
 def output(result: subprocess.CompletedProcess[str]) -> str:
     """A finished command's exit code, stdout and stderr, for assertion messages."""
     return f"exit {result.returncode}\n--- stdout\n{result.stdout}--- stderr\n{result.stderr}"

@@ -25,7 +25,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import REPO, Netd, SyslogSink, connect, free_port, free_tcp_udp_port, recv_all
+from conftest import (
+    REPO,
+    Netd,
+    SyslogSink,
+    children_of,
+    connect,
+    free_port,
+    free_tcp_udp_port,
+    recv_all,
+)
 
 IS_ROOT = os.geteuid() == 0
 PY = "/usr/bin/python3"
@@ -35,7 +44,6 @@ HOLD = "[/bin/sh, -c, 'echo up; read x; echo bye']"
 
 
 # -- helpers -------------------------------------------------------------------------
-
 
 
 def peer_of(s: socket.socket) -> str:
@@ -83,10 +91,6 @@ def wait_count(sink: SyslogSink, n: int, timeout_s: float = WAIT_S,
         time.sleep(0.02)
 
 
-def children_of(pid: int) -> set[int]:
-    """The pids whose parent is `pid` (threads of a Python netd are only the main one)."""
-    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
-    return {int(p) for p in text.split()}
 
 
 def echo_round(s: socket.socket, line: bytes) -> bytes:

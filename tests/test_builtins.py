@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import Netd, SyslogSink, connect, distinct_ports, recv_all
+from conftest import Netd, SyslogSink, children_of, connect, distinct_ports, recv_all
 
 RFC868_OFFSET_S = 2_208_988_800
 # RFC 864: the 95 printing characters (space through tilde) as a ring; line N holds
@@ -292,8 +292,7 @@ def test_many_short_connections_start_no_process(start_netd: Callable[..., Netd]
     spawner itself: no process is started for any of them."""
     body, ports = all_builtins()
     netd = start_netd(body)
-    spawners = set(Path(f"/proc/{netd.proc.pid}/task/{netd.proc.pid}/children").read_text()
-                   .split())
+    spawners = children_of(netd.proc.pid)
     peers = []
     for _ in range(50):
         with connect(ports["daytime"]) as s:
@@ -304,7 +303,7 @@ def test_many_short_connections_start_no_process(start_netd: Callable[..., Netd]
         assert sink.wait_for(event="close", peer=peer)["reason"] == "done"
     assert not sink.find(event="exit")
     for spawner in spawners:
-        assert not Path(f"/proc/{spawner}/task/{spawner}/children").read_text().split()
+        assert not children_of(spawner)
 
 
 def test_builtins_in_workers_mode(start_netd: Callable[..., Netd], sink: SyslogSink) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import select
 import shutil
 import signal
 import socket
@@ -37,6 +38,7 @@ from conftest import (
     REPO,
     Netd,
     SyslogSink,
+    children_of,
     connect,
     distinct_ports,
     free_port,
@@ -56,12 +58,11 @@ HANG_S = 8.0
 
 
 def children(pid: int) -> set[int]:
-    """The direct children of `pid`, from the kernel."""
+    """The direct children of `pid` (of any of its threads), from the kernel."""
     try:
-        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+        return children_of(pid)
     except FileNotFoundError:
         return set()
-    return {int(p) for p in text.split()}
 
 
 def descendants(pid: int) -> set[int]:
@@ -125,7 +126,10 @@ def only_spawner(netd: Netd) -> int:
 
 def supervisor_children(tmp_path: Path) -> int:
     """How many children the supervisor knows of (`netd status`, over its control
-    socket at tmp_path/control.sock)."""
+    socket at tmp_path/control.sock). A spawner reports the children it started in
+    batches (netd.reports, at most every 50 ms): one killed before it sent a batch
+    leaves those children unknown to the supervisor, which then neither logs their
+    exits nor frees their places; the tests here kill a spawner once it has reported."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(WAIT_S)
         s.connect(str(tmp_path / "control.sock"))
@@ -203,8 +207,6 @@ def test_spawner_killed_with_exec_children_and_a_backlog(
         cats = {accepted_pid(sink, s, "cat") for s in sessions}
         spawner = only_spawner(netd)
         assert cats <= children(spawner)
-        # The spawner reports its children once per wake-up: a kill within the wake-up
-        # that started them would leave them unknown to the supervisor (unlogged exits).
         wait_until(lambda: supervisor_children(tmp_path) == 3, "the children reported")
         # Stopped, it accepts nothing: these wait in the listening socket's backlog,
         # which the supervisor holds.
@@ -334,7 +336,7 @@ def test_worker_killed_with_connections_open(
 
 
 def test_orphans_writing_to_stderr_keep_serving_and_are_logged(
-        netd_and_children: Callable[..., Netd], sink: SyslogSink) -> None:
+        tmp_path: Path, netd_and_children: Callable[..., Netd], sink: SyslogSink) -> None:
     """An exec child whose spawner was killed still has its stderr (`stderr: log`, the
     default): a line it writes there afterwards is logged, and it goes on serving its
     client instead of dying of SIGPIPE."""
@@ -349,6 +351,7 @@ def test_orphans_writing_to_stderr_keep_serving_and_are_logged(
         assert echo_round(s, b"one\n") == b"one\n"
         sink.wait_for(event="stderr", service="talk", msg="said one")
         child = accepted_pid(sink, s, "talk")
+        wait_until(lambda: supervisor_children(tmp_path) == 1, "the child reported")
         kill_spawner(netd, sink, only_spawner(netd))
         for word in (b"two", b"three"):
             assert echo_round(s, word + b"\n") == word + b"\n", "the orphan died"
@@ -408,12 +411,32 @@ def release(s: socket.socket) -> None:
     assert s.recv(16) == b"bye\n"
 
 
+def fill_up(port: int, sink: SyslogSink, most: int = 8) -> tuple[list[socket.socket],
+                                                                  socket.socket]:
+    """Connect one client at a time until the service is suspended for want of
+    processes: the clients whose child said up, and the one whose child could not
+    start. (RLIMIT_NPROC counts threads too: how many children fit depends on how many
+    threads the spawner runs.)"""
+    holders: list[socket.socket] = []
+    for _ in range(most):
+        s = connect(port, timeout_s=HANG_S)
+        deadline = time.monotonic() + HANG_S
+        while not select.select([s], [], [], 0.05)[0]:
+            if sink.find(event="suspend", reason="resources"):
+                return holders, s
+            if time.monotonic() > deadline:
+                pytest.fail("neither served nor suspended")
+        assert read_up(s) == b"up\n"
+        holders.append(s)
+    pytest.fail(f"{most} children started: the process limit did not bind")
+
+
 def test_process_limit_pauses_the_service_and_connections_wait(
         netd_and_children: Callable[..., Netd], sink: SyslogSink, throwaway_user: str) -> None:
-    """RLIMIT_NPROC 3 for the service's user: its spawner and two children. A third
-    connection cannot get a child (EAGAIN): the service is suspended with one line that
-    says so, retries quietly, and the connection in hand waits (neither closed nor
-    answered) with the one in the backlog; as children end, each is served."""
+    """RLIMIT_NPROC 4 for the service's user: its spawner and two or three children.
+    The next connection cannot get a child (EAGAIN): the service is suspended with one
+    line that says so, retries quietly, and the connection in hand waits (neither
+    closed nor answered) with the one in the backlog; as children end, each is served."""
     port = free_port()
     netd = netd_and_children(f"""
         services:
@@ -421,17 +444,15 @@ def test_process_limit_pauses_the_service_and_connections_wait(
             listen: tcp://127.0.0.1:{port}
             exec: [/bin/sh, -c, 'echo up; read x; echo bye']
             user: {throwaway_user}
-            rlimits: {{nproc: 3}}
+            rlimits: {{nproc: 4}}
         """)
-    holders = [connect(port, timeout_s=HANG_S) for _ in range(2)]
-    waiting: list[socket.socket] = []
+    holders, first = fill_up(port, sink)
+    waiting = [first]
     try:
-        for s in holders:
-            assert read_up(s) == b"up\n"
-        waiting.append(connect(port, timeout_s=HANG_S))  # taken in; its child fails
+        assert len(holders) >= 2, "the spawner alone takes the whole limit"
         paused = sink.wait_for(event="suspend", service="hold")
         assert paused["reason"] == "resources", paused
-        assert f"RLIMIT_NPROC 3 for user {throwaway_user}" in paused["msg"], paused
+        assert f"RLIMIT_NPROC 4 for user {throwaway_user}" in paused["msg"], paused
         waiting.append(connect(port, timeout_s=HANG_S))  # left in the backlog
         time.sleep(2.5)  # two retries or more (every RESOURCE_PAUSE_S)
         assert len(sink.find(event="suspend", service="hold")) == 1, sink.raw[-10:]
@@ -440,20 +461,20 @@ def test_process_limit_pauses_the_service_and_connections_wait(
             s.settimeout(0.2)
             with pytest.raises(TimeoutError):
                 s.recv(16)  # neither answered nor closed: it waits
-        assert len(sink.find(event="accept", service="hold")) == 2
+        assert len(sink.find(event="accept", service="hold")) == len(holders)
         # One child ends: the connection in hand gets its place.
         release(holders[0])
         assert read_up(waiting[0]) == b"up\n"
         sink.wait_for(event="resume", service="hold")
         # The one from the backlog is taken in next and waits in turn (the limit is
-        # reached again: the second suspend), until the other holder ends.
+        # reached again: the second suspend), until another child ends.
         wait_until(lambda: len(sink.find(event="suspend", service="hold")) == 2,
                    "the second suspend")
         release(holders[1])
         assert read_up(waiting[1]) == b"up\n"
         wait_until(lambda: len(sink.find(event="resume", service="hold")) == 2,
                    "the second resume")
-        for s in waiting:
+        for s in [*holders[2:], *waiting]:
             release(s)
         with connect(port, timeout_s=HANG_S) as s:
             assert read_up(s) == b"up\n"
@@ -468,36 +489,37 @@ def test_process_limit_pauses_the_service_and_connections_wait(
 
 def test_connection_waiting_for_a_process_survives_a_reload(
         netd_and_children: Callable[..., Netd], sink: SyslogSink, throwaway_user: str) -> None:
-    """A reload that changes the service while a connection waits for a process (the
-    user's RLIMIT_NPROC reached): the retiring spawner keeps it and starts its child once
-    the limit allows, instead of closing it."""
+    """A reload moves the service to another user while a connection waits for a
+    process (the first user's RLIMIT_NPROC reached): the retiring spawner keeps that
+    connection and starts its child, as the first user, once the limit allows; the new
+    spawner serves what comes after."""
     port = free_port()
-    body = f"""
+    netd = netd_and_children(f"""
         services:
           hold:
             listen: tcp://127.0.0.1:{port}
             exec: [/bin/sh, -c, 'echo up; read x; echo bye']
             user: {throwaway_user}
-            rlimits: {{nproc: 3}}
-        """
-    netd = netd_and_children(body)
-    holders = [connect(port, timeout_s=HANG_S) for _ in range(2)]
-    waiting = connect(port, timeout_s=HANG_S)
+            rlimits: {{nproc: 4}}
+        """)
+    holders, waiting = fill_up(port, sink)
     try:
-        for s in holders:
-            assert read_up(s) == b"up\n"
-        sink.wait_for(event="suspend", service="hold")
-        netd.config.write_text(netd.config.read_text() + "    env: {CHANGED: 'yes'}\n")
+        netd.config.write_text(netd.config.read_text().replace(
+            f"user: {throwaway_user}", "user: root"))
         netd.proc.send_signal(signal.SIGHUP)
         assert sink.wait_for(event="reload")["changed"] == "hold"
-        # The new spawner is one more process of the user: both holders must end
-        # before the retiring one may start a child.
-        for s in holders:
-            release(s)
-        assert read_up(waiting) == b"up\n"
-        release(waiting)
+        # A new connection is served at once, by the new spawner, as root.
         with connect(port, timeout_s=HANG_S) as s:
             assert read_up(s) == b"up\n"
+            release(s)
+        waiting.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            waiting.recv(16)  # still waiting, not closed
+        release(holders[0])
+        assert read_up(waiting) == b"up\n"
+        child = accepted_pid(sink, waiting, "hold")
+        assert os.stat(f"/proc/{child}").st_uid == pwd.getpwnam(throwaway_user).pw_uid
+        for s in [*holders[1:], waiting]:
             release(s)
     finally:
         for s in [*holders, waiting]:
@@ -508,13 +530,18 @@ def test_connection_waiting_for_a_process_survives_a_reload(
 # -- a small fd limit ----------------------------------------------------------------
 
 
+# Says where its fd 2 leads, writes a line there, then echoes.
+REPORT_STDERR = 'echo "stderr=$(readlink /proc/$$/fd/2)"; echo to-stderr >&2; exec cat'
+
+
 @pytest.mark.parametrize("stderr", ["log", "null"])
 def test_small_nofile_in_a_netd_with_many_sockets(
         netd_and_children: Callable[..., Netd], sink: SyslogSink, stderr: str) -> None:
     """A service with `rlimits: {nofile: 16}` in a netd that holds forty sockets: its
     spawner inherits what its children get as stderr (the pipe, or /dev/null) with the
-    supervisor's high fd numbers, which posix_spawn refuses above the limit (EBADF) unless
-    the spawner moves them down."""
+    supervisor's high fd numbers, which posix_spawn's file actions refuse above the
+    limit (EBADF) unless the spawner moves them down: each child must still get its
+    service's stderr."""
     port, *others = distinct_ports(41)
     many = "".join(f"""
           daytime{i}:
@@ -525,15 +552,23 @@ def test_small_nofile_in_a_netd_with_many_sockets(
         services:
           small:
             listen: tcp://127.0.0.1:{port}
-            exec: [/bin/sh, -c, 'echo to-stderr >&2; exec cat']
+            exec: [/bin/sh, -c, '{REPORT_STDERR}']
             rlimits: {{nofile: 16}}
             stderr: {stderr}
 {many}""")
     with connect(port, timeout_s=HANG_S) as s:
-        assert echo_round(s, b"within the limit\n") == b"within the limit\n", \
-            sink.find(event="error")
+        line = b""
+        while not line.endswith(b"\n"):
+            chunk = s.recv(256)
+            assert chunk, f"closed early: {line!r}, {sink.find(event='error')}"
+            line += chunk
+        assert echo_round(s, b"within the limit\n") == b"within the limit\n"
+    target = line.decode().strip()
     if stderr == "log":
+        assert target.startswith("stderr=pipe:"), target
         sink.wait_for(event="stderr", service="small", msg="to-stderr")
+    else:
+        assert target == "stderr=/dev/null", target
     assert not sink.find(event="error")
 
 

@@ -43,6 +43,7 @@ import pytest
 from conftest import (
     Netd,
     SyslogSink,
+    children_of,
     free_port,
     free_tcp_udp_port,
     recv_all,
@@ -200,14 +201,10 @@ def _warm_up(t: Target) -> None:
     quiesce(t, None)
 
 
-def children(pid: int) -> set[int]:
-    return {int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()}
-
-
 def long_lived(t: Target) -> set[int]:
     """The supervisor and its spawners (after the warm-up, its only children: every
     connection's child is a spawner's)."""
-    return {t.pid} | children(t.pid)
+    return {t.pid} | children_of(t.pid)
 
 
 def quiesce(t: Target, baseline_fds: dict[int, int] | None,
@@ -795,13 +792,12 @@ def test_out_of_fds_pauses_the_service_instead_of_spinning(
             exec: [/bin/cat]
             {"user: root" if IS_ROOT else ""}
         """)
-    # The process that accepts for the service: its spawner, the supervisor's one child.
-    (pid,) = children(netd.proc.pid)
-    # Once it has served a connection, its fds are those it keeps (a spawner only just
-    # forked may still hold the supervisor's, which it closes).
+    # The process that accepts for the service: its spawner, the supervisor's one child,
+    # once it serves (it has opened all it needs).
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-        s.sendall(b"first\n")
-        assert s.recv(16) == b"first\n"
+        s.sendall(b"ready?\n")
+        assert s.recv(16) == b"ready?\n"
+    (pid,) = children_of(netd.proc.pid)
     # No fd to spare: the spawner hands each connection on at once, so only a limit at
     # its lowest free fd number makes accept() fail (it holds every one below).
     held = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}

@@ -198,6 +198,13 @@ def _warm_up(t: Target) -> None:
     with socket.create_connection(("127.0.0.1", t.ports["pp"]), timeout=5) as s:
         s.sendall(b"PROXY TCP4 10.0.0.1 10.0.0.2 1 2\r\nwarm\n")
         assert s.recv(10) == b"warm\n"
+    # A program can answer before its spawner's loop has collected its start (and closed
+    # its copy of the connection, then logged the accept): the baseline is taken once
+    # every warm-up connection has its accept line.
+    deadline = time.monotonic() + WAIT_S
+    while len(t.sink.find(event="accept")) < len(BUILTINS) + 4:
+        assert time.monotonic() < deadline, t.sink.raw[-20:]
+        time.sleep(0.01)
     quiesce(t, None)
 
 

@@ -198,14 +198,18 @@ def _warm_up(t: Target) -> None:
     with socket.create_connection(("127.0.0.1", t.ports["pp"]), timeout=5) as s:
         s.sendall(b"PROXY TCP4 10.0.0.1 10.0.0.2 1 2\r\nwarm\n")
         assert s.recv(10) == b"warm\n"
-    # A program can answer before its spawner's loop has collected its start (and closed
-    # its copy of the connection, then logged the accept): the baseline is taken once
-    # every warm-up connection has its accept line.
+    wait_accepted(t, len(BUILTINS) + 4)
+    quiesce(t, None)
+
+
+def wait_accepted(t: Target, count: int, **match: str) -> None:
+    """Wait for `count` accept lines (matching `match`). A program can answer its client
+    before its spawner's loop has collected its start, closed its own copy of the
+    connection and logged the accept: a baseline of fds is taken after the line."""
     deadline = time.monotonic() + WAIT_S
-    while len(t.sink.find(event="accept")) < len(BUILTINS) + 4:
+    while len(t.sink.find(event="accept", **match)) < count:
         assert time.monotonic() < deadline, t.sink.raw[-20:]
         time.sleep(0.01)
-    quiesce(t, None)
 
 
 def long_lived(t: Target) -> set[int]:
@@ -396,6 +400,7 @@ def test_connection_burst_all_at_once(target: Target) -> None:
     held = [connect(t.ports["flood"]) for _ in range(5)]
     for s in held:
         assert s.recv(3) == b"up\n"
+    wait_accepted(t, warm + 5, service="flood")
     burst: list[socket.socket] = []
     with Attack(t, "burst-2000") as attack:
         try:

@@ -118,9 +118,11 @@ class Peers:
             self.skipped.append(Skipped("exec", "tcpserver", note))
             return
         port = free_port()
-        # Its defaults, -c 40 -b 20, would be the limit at c=128.
-        server = Server("tcpserver", [tcpserver, "-R", "-H", "-l0", "-c", "200", "-b", "128",
-                                      "127.0.0.1", str(port), "/bin/cat"])
+        # Its defaults, -c 40 -b 20, would be the limit at c=128. -v: a line at each
+        # connection's start and end, as it is deployed (its stderr to a log writer).
+        server = Server("tcpserver", [tcpserver, "-v", "-R", "-H", "-l0", "-c", "200", "-b",
+                                      "128", "127.0.0.1", str(port), "/bin/cat"],
+                        stderr_path=self.workdir / "tcpserver.log")
         server.add("exec", "tcpserver /bin/cat", port, note=note)
         server.add("bulk", "tcpserver /bin/cat", port)
         self.servers.append(server)
@@ -148,9 +150,9 @@ class Peers:
         conf.write_text(textwrap.dedent(f"""\
             defaults
             {{
-            \t{common}\tlog_type = FILE /dev/null
-            \tlog_on_success =
-            \tlog_on_failure =
+            \t{common}\tlog_type = FILE {self.workdir / "xinetd.log"}
+            \tlog_on_success = HOST PID EXIT DURATION
+            \tlog_on_failure = HOST
             }}
             service benchcat
             {{

@@ -25,8 +25,7 @@ from netd.control import NotRunning, request
 from netd.logs import open_log
 from netd.pidfile import AlreadyRunning, Pidfile
 from netd.sockets import BindError
-from netd.supervisor import Supervisor
-from netd.systemd import Notifier, passed_sockets
+from netd.spawn import load_config_apart
 
 EX_FAILED = 1        # stop, reload: no daemon, or no result in time
 EX_NOT_RUNNING = 3   # status: not running (LSB)
@@ -91,9 +90,11 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(config_path: str) -> Config | None:
+def _load(config_path: str, apart: bool = False) -> Config | None:
+    """The config, or None after printing its errors. `apart`: for the process that will
+    serve it, loaded in a child (spawn.load_config_apart)."""
     try:
-        return load_config(config_path)
+        return load_config_apart(config_path) if apart else load_config(config_path)
     except ConfigError as e:
         for line in e.errors:
             print(line, file=sys.stderr)
@@ -144,8 +145,10 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Serve in the foreground until SIGTERM or SIGINT (how systemd runs netd)."""
+    from netd.systemd import passed_sockets
+
     passed = passed_sockets()  # before anything else: LISTEN_PID names this process
-    config = _load(args.config)
+    config = _load(args.config, apart=True)
     if config is None:
         return os.EX_CONFIG
 
@@ -158,7 +161,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_start(args: argparse.Namespace) -> int:
     """Detach and serve; exit only once the daemon is ready, or say why it is not."""
-    config = _load(args.config)
+    config = _load(args.config, apart=True)
     if config is None:
         return os.EX_CONFIG
     holder = Pidfile(config.daemon.pidfile).holder()
@@ -193,6 +196,10 @@ def serve(config: Config, passed: dict[int, str], report: Report) -> int:
     except (AlreadyRunning, OSError) as e:
         report(os.EX_UNAVAILABLE, str(e))
         return os.EX_UNAVAILABLE
+    # Imported here: the commands that do not serve (check, status...) start faster.
+    from netd.supervisor import Supervisor
+    from netd.systemd import Notifier
+
     try:
         _no_inherited_fds()
         log = open_log(config.log.to, config.log.syslog_address, config.log.facility,

@@ -50,6 +50,7 @@ class EventLoop:
 
     def __init__(self) -> None:
         self._selector = selectors.DefaultSelector()
+        self._watched: dict[int, Callback] = {}  # each registered fd's callback
         self._timers: list[Timer] = []
         self._seq = itertools.count()
         self._cancelled = 0
@@ -59,28 +60,28 @@ class EventLoop:
     def watch(self, fileobj: Any, callback: Callback, events: int = READ) -> None:
         """Call `callback()` whenever `fileobj` is ready for `events` (READ, WRITE or
         both); watching it again replaces its callback and events."""
-        try:
-            self._selector.modify(fileobj, events, callback)
-        except KeyError:
-            self._selector.register(fileobj, events, callback)
+        fd = _fd(fileobj)
+        if fd in self._watched:
+            self._selector.modify(fileobj, events)
+        else:
+            # Known to be new: selectors' own test (modify, then KeyError) formats the
+            # object into the error message, which for a socket costs two syscalls.
+            self._selector.register(fileobj, events)
+        self._watched[fd] = callback
 
     def unwatch(self, fileobj: Any) -> None:
         """Stop watching `fileobj` (nothing happens when it was not watched)."""
-        try:
-            self._selector.unregister(fileobj)
-        except (KeyError, ValueError):
-            pass
+        fd = _fd(fileobj)
+        if fd < 0 or fd in self._watched:
+            self._watched.pop(fd, None)
+            try:
+                self._selector.unregister(fileobj)
+            except (KeyError, ValueError):
+                pass
 
     def watching(self, fileobj: Any) -> bool:
         """Whether `fileobj` is watched now."""
-        return self._callback(fileobj) is not None
-
-    def _callback(self, fileobj: Any) -> Callback | None:
-        try:
-            callback: Callback = self._selector.get_key(fileobj).data
-        except (KeyError, ValueError):
-            return None
-        return callback
+        return _fd(fileobj) in self._watched
 
     # -- timers -----------------------------------------------------------------
 
@@ -132,7 +133,7 @@ class EventLoop:
         for key, _ in self._selector.select(timeout_s):
             # A callback earlier in this batch may have unwatched this object, or
             # watched it again with another callback.
-            callback = self._callback(key.fileobj)
+            callback = self._watched.get(key.fd)
             if callback is not None:
                 callback()
         self._run_due(time.monotonic())
@@ -160,3 +161,8 @@ class EventLoop:
     def close(self) -> None:
         """Release the selector (watched file objects are not closed)."""
         self._selector.close()
+
+
+def _fd(fileobj: Any) -> int:
+    """The file descriptor of `fileobj` (-1 for a closed socket)."""
+    return fileobj if isinstance(fileobj, int) else int(fileobj.fileno())

@@ -97,14 +97,3 @@ def remove_unix(address: Address) -> None:
             os.unlink(address.path)
     except OSError:
         pass
-
-
-def describe(sockaddr: object, family: int) -> str:
-    """A socket address as logs show it: IP:PORT, [IPv6]:PORT, or a unix path."""
-    if isinstance(sockaddr, tuple) and (family == socket.AF_INET6 or ":" in str(sockaddr[0])):
-        return f"[{sockaddr[0]}]:{sockaddr[1]}"
-    if isinstance(sockaddr, tuple):
-        return f"{sockaddr[0]}:{sockaddr[1]}"
-    if isinstance(sockaddr, bytes):
-        return sockaddr.decode(errors="replace")
-    return str(sockaddr)

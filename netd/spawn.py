@@ -16,13 +16,16 @@ Nothing forked ever returns into its parent's loop (os._exit).
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
+import pickle
 import resource
 import signal
 import socket
 import traceback
 from collections.abc import Callable
 
+from netd.config import Config, ConfigError, load_config
 from netd.config.identity import RLIMITS
 from netd.config.model import DEFAULT_PATH, Identity, Service
 from netd.handlers.python import load_handler
@@ -161,6 +164,52 @@ def fork_helper(main: Callable[[], None], keep_fds: list[int], identity: Identit
         status = 0
     finally:
         os._exit(status)
+
+
+def load_config_apart(path: str) -> Config:
+    """load_config() in a child process: the caller (the supervisor) never imports the
+    config's python handler modules (user code, as large as it likes: they are imported
+    where they run, in spawners and workers) and keeps none of the parse's garbage.
+    Raises ConfigError as load_config does."""
+    read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
+    pid = os.fork()
+    if pid == 0:
+        try:
+            _become_clean_child([write_fd])
+            try:
+                outcome: tuple[str, object] = ("config", load_config(path))
+            except ConfigError as e:
+                outcome = ("errors", e.errors)
+            data = pickle.dumps(outcome)
+        except BaseException as e:  # it must report, then leave: never run on as a copy
+            data = pickle.dumps(("errors", [f"{path}: cannot load: {type(e).__name__}: {e}"]))
+        with os.fdopen(write_fd, "wb") as out:
+            out.write(data)
+        os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as got:
+        data = got.read()
+    os.waitpid(pid, 0)
+    kind, value = pickle.loads(data) if data else ("errors", [f"{path}: cannot load"])
+    if kind == "errors":
+        raise ConfigError(list(value))
+    assert isinstance(value, Config)
+    return value
+
+
+def give_back_memory() -> None:
+    """Collect garbage and hand freed heap back to the system (glibc's malloc_trim): a
+    long-lived process that just dropped a large config stays its usual size."""
+    gc.collect()
+    _HOLDING.malloc_trim(0)
+
+
+def import_handlers(services: list[Service] | tuple[Service, ...]) -> None:
+    """Import the python handler modules of `services` (in a spawner or worker, before it
+    takes its identity, while netd's own files are surely readable)."""
+    for service in services:
+        if service.python is not None:
+            load_handler(service.python)
 
 
 def fork_handler(run: Callable[[], None], keep_fds: list[int], log: Log,

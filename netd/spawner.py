@@ -106,6 +106,7 @@ class Spawner:
         self.children = ChildTable()
         self.streams: set[InlineStream] = set()
         self.early_exits: dict[int, int] = {}  # pid: status, reaped before known started
+        self.datagram = bytearray(65536)  # every datagram is read into it: no 64 KB each
         self.held: set[Listener] = set()  # paused while the spawn thread catches up
         self.leaving: str | None = None  # "retire" or "stop"
         self.report = Reporter(link, self.loop)
@@ -372,9 +373,11 @@ class Spawner:
         sock = listener.sock
         access = service.access if service.access.restricts_ip else None
         logged = self.log.wants("debug")
+        received = self.datagram
+        view = memoryview(received)
         for _ in range(DATAGRAMS_PER_WAKEUP):
             try:
-                request, remote = sock.recvfrom(65536)
+                size, remote = sock.recvfrom_into(received)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -384,7 +387,7 @@ class Spawner:
             if access is not None and not access.permits_ip(remote[0]):
                 self._refuse(served, Peer.from_ip(remote[0], remote[1], "udp"), "access")
                 continue
-            reply = reply_to(request)
+            reply = reply_to(bytes(view[:size]))
             if reply is not None:
                 try:
                     sock.sendto(reply, remote)

@@ -23,7 +23,7 @@ from netd.listener import Listener
 from netd.logs import Log
 from netd.loop import EventLoop, Timer
 from netd.reports import Batch, Started, send_note
-from netd.spawn import fork_helper, lowest_fd, signal_group
+from netd.spawn import fork_helper, import_handlers, lowest_fd, signal_group
 from netd.spawner import Plan, Spawner
 from netd.stderr import StderrReader, stderr_pipe
 
@@ -59,23 +59,33 @@ class SpawnerHandle:
         self.stderr = {name: read_fd for name, (read_fd, _) in stderr.items()}
         pipe_fds = [fd for pipe in stderr.values() for fd in pipe]
 
-        def main() -> None:
+        def failed(e: Exception) -> None:  # a fault of ours: say what, then leave
+            log.wind_up()
+            log.event("error", "err", user=plan.identity.user, pid=os.getpid(),
+                      msg=f"spawner failed: {type(e).__name__}: {e}",
+                      traceback="".join(traceback.format_exception(e)).rstrip())
+
+        def prepare() -> None:
             log.in_child(has_loop=True)  # it never stalls its loop on a slow syslog
+            try:
+                import_handlers([service for service, _ in plan.services])
+            except Exception as e:
+                failed(e)
+                raise
+
+        def main() -> None:
             try:
                 # The fds its children get as their stderr, within the service's nofile.
                 Spawner(plan, theirs, log, lowest_fd(devnull),
                         {name: (read_fd, lowest_fd(write_fd))
                          for name, (read_fd, write_fd) in stderr.items()}).run()
-            except Exception as e:  # a fault of ours: say what, then leave (status 1)
-                log.wind_up()
-                log.event("error", "err", user=plan.identity.user, pid=os.getpid(),
-                          msg=f"spawner failed: {type(e).__name__}: {e}",
-                          traceback="".join(traceback.format_exception(e)).rstrip())
+            except Exception as e:
+                failed(e)
                 raise
 
         try:
             self.pid = fork_helper(main, [theirs.fileno(), devnull, *sockets, *pipe_fds,
-                                          *log.fds()], plan.identity)
+                                          *log.fds()], plan.identity, prepare)
         except OSError:
             self.link.close()
             for read_fd in self.stderr.values():

@@ -24,7 +24,7 @@ from typing import Any
 
 from netd import __version__
 from netd.children import ChildPool
-from netd.config import Address, Config, ConfigError, Service, load_config
+from netd.config import Address, Config, ConfigError, Service
 from netd.config.model import Identity
 from netd.control import ControlServer
 from netd.listener import Listener
@@ -32,7 +32,7 @@ from netd.logs import Log
 from netd.loop import EventLoop, Timer
 from netd.peer import describe
 from netd.sockets import bind, set_file_owner, tune
-from netd.spawn import become_subreaper, signal_group
+from netd.spawn import become_subreaper, give_back_memory, load_config_apart, signal_group
 from netd.spawners import Counts, Group, Spawners, log_exit
 from netd.systemd import Notifier, adopt
 from netd.worker_pool import WorkerPool
@@ -223,7 +223,7 @@ class Supervisor:
         self.notifier.reloading()
         self.spawners.sync()
         try:
-            changes = self.apply(load_config(self.config.path))
+            changes = self.apply(load_config_apart(self.config.path))
         except ConfigError as e:
             result = {"ok": False, "error": "\n".join(e.errors)}
         except OSError as e:
@@ -241,6 +241,7 @@ class Supervisor:
                            removed=",".join(changes["removed"]) or None)
         else:
             self.log.event("reload", "err", result="error", msg=result["error"])
+        give_back_memory()  # the old config and the new one's transfer are garbage now
         self.notifier.ready(self._status_line())
         return result
 

@@ -18,7 +18,7 @@ from netd.config.model import Service
 from netd.listener import Listener
 from netd.logs import Log
 from netd.loop import EventLoop, Timer
-from netd.spawn import fork_helper, signal_group
+from netd.spawn import fork_helper, import_handlers, signal_group
 
 BACKOFF_S = 0.1       # first restart delay; doubles while workers keep dying young
 BACKOFF_MAX_S = 30.0
@@ -55,7 +55,7 @@ class WorkerPool:
             try:
                 pid = fork_helper(lambda: _run_worker(service, sockets, self.log),
                                   [s.fileno() for s in sockets] + self.log.fds(),
-                                  service.identity, _load_worker)
+                                  service.identity, lambda: _load_worker(service))
             except OSError as e:
                 self.log.event("error", "err", service=service.name,
                                msg=f"cannot start worker: {e}")
@@ -90,11 +90,14 @@ class WorkerPool:
             signal_group(pid, sig)
 
 
-# The worker's code pulls in asyncio (and ssl): ~6 MB that only workers carry, never the
-# supervisor. It is imported in the forked worker before it takes its identity, while
-# netd's own files are surely readable.
-def _load_worker() -> None:
+# The worker's code pulls in asyncio (and ssl), ~6 MB, and a python service's handler
+# module whatever it imports: only workers carry them, never the supervisor. They are
+# imported in the forked worker before it takes its identity, while netd's own files
+# are surely readable.
+def _load_worker(service: Service) -> None:
     import netd.workers  # noqa: F401
+
+    import_handlers([service])
 
 
 def _run_worker(service: Service, sockets: list[socket.socket], log: Log) -> None:

@@ -1,11 +1,12 @@
 """Prefork workers: long-lived children that accept on a service's shared sockets and
 serve many connections each, for builtin and python services with `workers: N`.
 
-A worker runs one asyncio loop. It accepts on every socket of its service; a builtin
-(as a coroutine) or an `async def handle(reader, writer)` runs in that loop, while a
-plain `def handle(conn, peer)` runs in a pool of `threads` threads with a blocking
-socket and the service's idle timeout. A handler's exception is logged with its traceback
-and ends only that connection. On SIGTERM the worker stops accepting, lets what it
+A builtin's worker serves its connections in netd's own event loop, as a spawner
+serves builtins inline (netd.handlers.inline). A python service's worker runs one
+asyncio loop: an `async def handle(reader, writer)` runs in it, while a plain
+`def handle(conn, peer)` runs in a pool of `threads` threads with a blocking socket
+and the service's idle timeout. A handler's exception is logged with its traceback
+and ends only that connection. On SIGTERM a worker stops accepting, lets what it
 serves finish (the supervisor SIGKILLs it after daemon.stop_timeout), and exits.
 """
 
@@ -19,15 +20,19 @@ import socket
 import traceback
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from typing import Any
 
 from netd.config import Service
-from netd.handlers.async_builtins import serve_stream
 from netd.handlers.builtins import BUILTINS
+from netd.handlers.inline import InlineStream
 from netd.handlers.python import load_handler
 from netd.logs import Log
-from netd.sockets import describe
+from netd.loop import EventLoop
+from netd.peer import Peer, accept_fields, describe, refuse_fields
 from netd.spawn import die_with_parent
+
+ACCEPTS_PER_WAKEUP = 64
 
 
 def run_worker(service: Service, sockets: list[socket.socket], log: Log) -> None:
@@ -36,7 +41,103 @@ def run_worker(service: Service, sockets: list[socket.socket], log: Log) -> None
     # on its sockets for ever: have the kernel SIGTERM it when the supervisor dies.
     die_with_parent(signal.SIGTERM)
     log.in_child(has_loop=True)  # never stall every connection of a worker on a slow syslog
-    asyncio.run(_serve_all(service, sockets, log))
+    if service.kind == "builtin":
+        BuiltinWorker(service, sockets, log).run()
+    else:
+        asyncio.run(_serve_all(service, sockets, log))
+
+
+def _admitted(service: Service, log: Log, conn: socket.socket, peer: Peer) -> bool:
+    """Apply `access` (workers apply no limits) and log the accept or the refusal."""
+    permitted = (service.access.permits_unix(peer.uid, peer.gid) if peer.remote is None
+                 else not service.access.restricts_ip
+                 or service.access.permits_ip(peer.remote[0]))
+    if not permitted:
+        log.event("refuse", "notice", **refuse_fields(service.name, peer, "access"))
+        return False
+    local = describe(conn.getsockname(), conn.family)
+    log.event("accept", "info" if service.log_accept else "debug",
+              **accept_fields(service.name, peer, local, os.getpid(), "workers"))
+    return True
+
+
+class BuiltinWorker:
+    """A worker of a builtin service: its connections served in netd's own loop."""
+
+    def __init__(self, service: Service, sockets: list[socket.socket], log: Log) -> None:
+        assert service.builtin is not None
+        self.service = service
+        self.stream = BUILTINS[service.builtin].stream
+        self.sockets = sockets
+        self.log = log
+        self.loop = EventLoop()
+        self.streams: set[InlineStream] = set()
+        self.stopping = False
+        self.wake_r, wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        signal.set_wakeup_fd(wake_w.detach(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, _note_signal)
+
+    def run(self) -> None:
+        """Serve until SIGTERM, then until the connections being served are over."""
+        self.loop.watch(self.wake_r, self._stop)
+        for sock in self.sockets:
+            sock.setblocking(False)
+            self.loop.watch(sock, partial(self._accept, sock))
+        while not (self.stopping and not self.streams):
+            self.log.pump(self.loop)
+            self.loop.run_once()
+        self.log.wind_up()
+        self.log.flush()
+
+    def _accept(self, sock: socket.socket) -> None:
+        proto = "unix" if sock.family == socket.AF_UNIX else "tcp"
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            try:
+                conn, remote = sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as e:  # out of fds: the other workers and the backlog wait
+                self.log.event("error", "err", service=self.service.name,
+                               msg=f"accept failed: {e.strerror}")
+                return
+            peer = Peer.of(conn, proto, remote)
+            if not _admitted(self.service, self.log, conn, peer):
+                conn.close()
+                continue
+            stream = InlineStream(self.loop, conn, self.stream, self.service.timeout_s,
+                                  _nothing)
+            stream.on_end = partial(self._ended, stream)
+            self.streams.add(stream)
+            stream.start()
+
+    def _ended(self, stream: InlineStream, reason: str) -> None:
+        self.streams.discard(stream)
+        if reason != "done":  # a worker logs the peers that went away or fell silent
+            self.log.event("close", service=self.service.name, pid=os.getpid(), reason=reason)
+
+    def _stop(self) -> None:
+        try:
+            self.wake_r.recv(256)
+        except BlockingIOError:
+            return
+        self.stopping = True
+        for sock in self.sockets:
+            self.loop.unwatch(sock)
+            sock.close()  # our copy: the supervisor and other workers keep theirs
+
+
+def _note_signal(signum: int, frame: object) -> None:
+    """The signal number reaches the loop through the wake-up fd; nothing to do here."""
+
+
+def _nothing(reason: str) -> None:
+    """Stands for a stream's on_end until the stream itself can be named in it."""
+
+
+# -- python services: asyncio -----------------------------------------------------------
 
 
 async def _serve_all(service: Service, sockets: list[socket.socket], log: Log) -> None:
@@ -45,7 +146,8 @@ async def _serve_all(service: Service, sockets: list[socket.socket], log: Log) -
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
     pool = ThreadPoolExecutor(service.threads, thread_name_prefix=service.name)
-    serve = _server(service, log, pool)
+    pump = _AsyncioLogPump(loop, log)
+    serve = _server(service, log, pool, pump)
     serving: set[asyncio.Task[None]] = set()
     accepting = [asyncio.create_task(_accept_forever(sock, serve, serving)) for sock in sockets]
     await stop.wait()
@@ -56,6 +158,8 @@ async def _serve_all(service: Service, sockets: list[socket.socket], log: Log) -
     if serving:
         await asyncio.wait(serving)
     pool.shutdown(wait=False, cancel_futures=True)
+    log.wind_up()
+    log.flush()
 
 
 async def _accept_forever(sock: socket.socket,
@@ -72,46 +176,65 @@ async def _accept_forever(sock: socket.socket,
         task.add_done_callback(serving.discard)
 
 
-def _server(service: Service, log: Log,
-            pool: ThreadPoolExecutor) -> Callable[[socket.socket, Any], Any]:
-    """The coroutine that serves one accepted connection of `service`."""
-    async_handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[Any]]
-    sync_handler: Callable[[socket.socket, Any], Any] | None = None
-    if service.kind == "builtin":
-        assert service.builtin is not None
-        stream = BUILTINS[service.builtin].stream
+class _AsyncioLogPump:
+    """What Log.pump does for netd's loop, for an asyncio loop: flush when the socket
+    has room while lines wait, and tick when the log has something due."""
 
-        async def serve_builtin(reader: asyncio.StreamReader,
-                                writer: asyncio.StreamWriter) -> None:
-            await serve_stream(stream, reader, writer, service.timeout_s)
+    def __init__(self, loop: asyncio.AbstractEventLoop, log: Log) -> None:
+        self.loop = loop
+        self.log = log
+        self.watched: int | None = None
+        self.tick: asyncio.TimerHandle | None = None
+        self.tick_due_s: float | None = None
 
-        async_handler = serve_builtin
-    else:
-        assert service.python is not None
-        loaded = load_handler(service.python)
-        if inspect.iscoroutinefunction(loaded):
-            async_handler = loaded
-        else:
-            sync_handler = loaded
-    restricted = service.access.restricts_ip
+    def __call__(self) -> None:
+        """Bring the watches up to date (after anything that logged)."""
+        fd = self.log.fileno() if self.log.waiting() else None
+        if fd != self.watched:
+            if self.watched is not None:
+                self.loop.remove_writer(self.watched)
+            if fd is not None:
+                self.loop.add_writer(fd, self._flush)
+            self.watched = fd
+        due_s = self.log.due_s()
+        if due_s != self.tick_due_s:
+            if self.tick is not None:
+                self.tick.cancel()
+            # asyncio's clock is time.monotonic(), as the log's is.
+            self.tick = None if due_s is None else self.loop.call_at(due_s, self._tick)
+            self.tick_due_s = due_s
 
-    async def serve(conn: socket.socket, peer: Any) -> None:
+    def _flush(self) -> None:
+        self.log.flush()
+        self()
+
+    def _tick(self) -> None:
+        self.tick = self.tick_due_s = None
+        self.log.tick()
+        self()
+
+
+def _server(service: Service, log: Log, pool: ThreadPoolExecutor,
+            pump: Callable[[], None]) -> Callable[[socket.socket, Any], Any]:
+    """The coroutine that serves one accepted connection of a python service."""
+    assert service.python is not None
+    loaded = load_handler(service.python)
+    async_handler: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[Any]] \
+        | None = loaded if inspect.iscoroutinefunction(loaded) else None
+
+    async def serve(conn: socket.socket, remote: Any) -> None:
         loop = asyncio.get_running_loop()
-        if restricted and isinstance(peer, tuple) and not service.access.permits_ip(peer[0]):
+        peer = Peer.of(conn, "unix" if conn.family == socket.AF_UNIX else "tcp", remote)
+        if not _admitted(service, log, conn, peer):
             conn.close()
-            log.event("refuse", "notice", service=service.name,
-                      peer=describe(peer, conn.family), reason="access", pid=os.getpid())
+            pump()
             return
-        log.event("accept", "info" if service.log_accept else "debug", service=service.name,
-                  proto="unix" if conn.family == socket.AF_UNIX else "tcp",
-                  peer=describe(peer, conn.family),
-                  local=describe(conn.getsockname(), conn.family), pid=os.getpid(),
-                  mode="workers")
+        pump()
         try:
-            if sync_handler is not None:
+            if async_handler is None:
                 conn.setblocking(True)
                 conn.settimeout(service.timeout_s)
-                await loop.run_in_executor(pool, sync_handler, conn, peer)
+                await loop.run_in_executor(pool, loaded, conn, remote)
             else:
                 reader, writer = await asyncio.open_connection(sock=conn)
                 try:
@@ -127,5 +250,6 @@ def _server(service: Service, log: Log,
                       traceback="".join(traceback.format_exception(e)).rstrip())
         finally:
             conn.close()
+            pump()
 
     return serve

@@ -30,6 +30,9 @@ def parse_address(spec: str) -> list[Address]:
                            "as in tcp://127.0.0.1:7 or unix:/run/netd/x.sock)")
     host, port_text = _split_host_port(rest, spec)
     port = _parse_port(port_text, scheme)
+    numeric = _numeric(spec, cast(Scheme, scheme), host, port)
+    if numeric is not None:
+        return [numeric]
     socktype = socket.SOCK_STREAM if scheme == "tcp" else socket.SOCK_DGRAM
     try:
         infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socktype, 0,
@@ -45,6 +48,19 @@ def parse_address(spec: str) -> list[Address]:
         if address not in addresses:
             addresses.append(address)
     return addresses
+
+
+def _numeric(spec: str, scheme: Scheme, host: str, port: int) -> Address | None:
+    """The address of a host written as numbers, as getaddrinfo would give it, without
+    asking the resolver (None for a name, or anything less plain)."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            ip = socket.inet_ntop(family, socket.inet_pton(family, host))
+        except OSError:
+            continue
+        sockaddr = (ip, port) if family == socket.AF_INET else (ip, port, 0, 0)
+        return Address(spec=spec, scheme=scheme, family=family, sockaddr=sockaddr)
+    return None
 
 
 def _split_host_port(rest: str, spec: str) -> tuple[str, str]:

@@ -6,7 +6,9 @@ ValueError with a message fit for `FILE:LINE: key: message`.
 
 from __future__ import annotations
 
+import functools
 import grp
+import os
 import pwd
 import re
 import resource
@@ -23,20 +25,45 @@ DEFAULT_USER = "nobody"
 
 def resolve_user(value: object) -> tuple[str, int, int]:
     """(name, uid, primary gid) of a user given by name or number."""
+    return _user(value if isinstance(value, int) else str(value))
+
+
+def resolve_group(value: object) -> int:
+    """The gid of a group given by name or number."""
+    return _group(value if isinstance(value, int) else str(value))
+
+
+# A config names the same few users and groups many times: each is looked up once per
+# load (forget_accounts() starts a load afresh, so a reload sees the account database
+# as it is then).
+@functools.lru_cache(maxsize=4096)
+def _user(value: int | str) -> tuple[str, int, int]:
     try:
-        entry = pwd.getpwuid(value) if isinstance(value, int) else pwd.getpwnam(str(value))
+        entry = pwd.getpwuid(value) if isinstance(value, int) else pwd.getpwnam(value)
     except (KeyError, OverflowError):
         raise ValueError(f"no such user '{value}'") from None
     return entry.pw_name, entry.pw_uid, entry.pw_gid
 
 
-def resolve_group(value: object) -> int:
-    """The gid of a group given by name or number."""
+@functools.lru_cache(maxsize=4096)
+def _group(value: int | str) -> int:
     try:
-        entry = grp.getgrgid(value) if isinstance(value, int) else grp.getgrnam(str(value))
+        entry = grp.getgrgid(value) if isinstance(value, int) else grp.getgrnam(value)
     except (KeyError, OverflowError):
         raise ValueError(f"no such group '{value}'") from None
     return entry.gr_gid
+
+
+@functools.lru_cache(maxsize=4096)
+def member_of(user: str, gid: int) -> tuple[int, ...]:
+    """The user's supplementary groups from /etc/group, as initgroups(3) would set them."""
+    return tuple(sorted({gid, *os.getgrouplist(user, gid)}))
+
+
+def forget_accounts() -> None:
+    """Look users and groups up anew from now on (at the start of each load)."""
+    for cached in (_user, _group, member_of):
+        cached.cache_clear()
 
 
 def parse_umask(value: object) -> int:

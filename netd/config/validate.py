@@ -17,6 +17,8 @@ from typing import Any, cast
 from netd.config.addresses import AddressError, parse_address
 from netd.config.identity import (
     DEFAULT_USER,
+    forget_accounts,
+    member_of,
     parse_limit,
     parse_nice,
     parse_umask,
@@ -86,6 +88,7 @@ class _Found:
 
 def load_config(path: str) -> Config:
     """Read, include, merge and validate the config at `path`; raises ConfigError."""
+    forget_accounts()
     errors = _Errors([])
     path = os.path.abspath(path)
     root = _load_mapping(path, errors)
@@ -605,7 +608,7 @@ def _identity(body: Mapping, defaults: Mapping, prefix: str, errors: _Errors) ->
     gid = found.get("group", gid)
     groups = found.get("groups")
     if name is not None and gid is not None and groups is None:
-        groups = _member_of(name, gid)
+        groups = member_of(name, gid)
     return Identity(user=name, uid=uid, gid=gid, groups=groups,
                     umask=found.get("umask"), cwd=found.get("cwd"), chroot=found.get("chroot"),
                     nice=found.get("nice"), rlimits=found.get("rlimits", ()))
@@ -642,11 +645,6 @@ def _rlimits(section: Mapping, label: str, errors: _Errors) -> tuple[tuple[str, 
         except ValueError as e:
             errors.add(section.key_where[name], f"{label}.{name}", str(e))
     return tuple(limits)
-
-
-def _member_of(user: str, gid: int) -> tuple[int, ...]:
-    """The user's supplementary groups from /etc/group, as initgroups(3) would set them."""
-    return tuple(sorted({gid, *os.getgrouplist(user, gid)}))
 
 
 def _listen(body: Mapping, prefix: str, where: Where, errors: _Errors) -> list[Address] | None:

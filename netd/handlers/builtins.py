@@ -2,8 +2,8 @@
 
 A row says what the service sends on a stream and its reply to a datagram. Datagram
 replies are pure functions of the request. Streams are served without a process of
-their own, never blocking: in a spawner's loop (netd.handlers.inline) or, in workers
-mode, as coroutines (netd.handlers.async_builtins); both follow the row's `stream`.
+their own, never blocking, in the loop of a spawner or a worker, as the row's `stream`
+says (netd.handlers.inline).
 """
 
 from __future__ import annotations

@@ -809,6 +809,8 @@ def test_out_of_fds_pauses_the_service_instead_of_spinning(
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(b"ready?\n")
         assert s.recv(16) == b"ready?\n"
+    # Logged once the spawner has closed its copy of that connection (see wait_accepted).
+    sink.wait_for(event="accept", service="hold")
     (pid,) = children_of(netd.proc.pid)
     # No fd to spare: the spawner hands each connection on at once, so only a limit at
     # its lowest free fd number makes accept() fail (it holds every one below).

@@ -3,11 +3,13 @@
 - A spawner or a prefork worker killed with SIGKILL while connections are in flight:
   every accepted connection is either served or closed (a client never hangs: each
   read has a timeout, and reaching it fails the test), and the next one is served.
-  Orphaned exec children keep serving their clients; the supervisor (a subreaper)
-  logs their exits with their service, and gives back what they held.
+  Orphaned exec children keep serving their clients, their stderr still logged; the
+  supervisor (a subreaper) logs their exits with their service, and gives back their
+  places in max_children.
 - The service user's process limit reached (RLIMIT_NPROC): the service pauses with
-  one line, the connection in hand waits with the backlog, and all are served once
-  children end. A small `nofile` limit on a service of a netd with many sockets.
+  one line, the connections in hand wait with the backlog (across a reload too), and
+  all are served once children end. A small `nofile` limit on a service of a netd
+  with many sockets: its children still get their stderr.
 - `systemctl stop netd` during a reload: systemd sends SIGTERM to `netd reload` (its
   ExecReload), which must end cleanly, not be killed by it (that fails the unit).
 
@@ -66,6 +68,7 @@ def children(pid: int) -> set[int]:
 
 
 def descendants(pid: int) -> set[int]:
+    """Every process under `pid`."""
     found: set[int] = set()
     todo = [pid]
     while todo:
@@ -77,6 +80,7 @@ def descendants(pid: int) -> set[int]:
 
 
 def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie does not)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"

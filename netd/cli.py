@@ -296,35 +296,61 @@ def _alive(pid: int) -> bool:
         return False
 
 
+class Terminated(Exception):
+    """The command got SIGTERM."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated
+
+
 def cmd_reload(args: argparse.Namespace) -> int:
     """Check the config, then ask the daemon to re-read it (or, without its control
     socket, send it SIGHUP and wait for the socket to come back with the result); exit
-    78 with the errors when it is bad."""
-    config = _load(args.config)
-    if config is None:
-        return os.EX_CONFIG
-    daemon = config.daemon
+    78 with the errors when it is bad.
+
+    SIGTERM ends it cleanly (exit 0, saying so): systemd sends it to a running
+    ExecReload when the unit is stopped, and a reload command killed by a signal leaves
+    the unit failed. The daemon goes on with the reload, and then with the stop.
+    """
+    signal.signal(signal.SIGTERM, _terminated)
+    doing = "checking the config (netd was not asked to reload)"
     try:
-        reply = request(daemon.control, "reload")
+        config = _load(args.config)
+        if config is None:
+            return os.EX_CONFIG
+        doing = "waiting for the reload's result (netd goes on with the reload)"
+        reply = _ask_reload(config.daemon)
+        if reply is None:
+            return EX_FAILED
+        if not reply.get("ok"):
+            print("netd: reload failed, the running config stays in force:\n"
+                  f"{reply.get('error')}", file=sys.stderr)
+            return os.EX_CONFIG
+        changes = ", ".join(f"{k} {','.join(reply[k])}"
+                            for k in ("added", "changed", "removed") if reply.get(k))
+        print(f"netd reloaded ({changes or 'no changes'})")
+        return os.EX_OK
+    except Terminated:
+        print(f"netd: stopped by SIGTERM while {doing}", file=sys.stderr)
+        return os.EX_OK
+
+
+def _ask_reload(daemon: DaemonConfig) -> dict[str, Any] | None:
+    """The daemon's reply to a reload, over its control socket or, without one, by
+    SIGHUP; None (having said why) when there is none."""
+    try:
+        return request(daemon.control, "reload")
     except NotRunning as e:
         sent_s = time.time()
         pid = _signal_daemon(daemon, e, signal.SIGHUP)
         if pid is None:
-            return EX_FAILED
+            return None
         found = _reload_result(daemon.control, pid, sent_s)
         if found is None:
             print(f"netd: no result from pid {pid} within {RELOAD_WAIT_S:g}s (its control "
                   f"socket {daemon.control} did not come back); see its log", file=sys.stderr)
-            return EX_FAILED
-        reply = found
-    if not reply.get("ok"):
-        print(f"netd: reload failed, the running config stays in force:\n{reply.get('error')}",
-              file=sys.stderr)
-        return os.EX_CONFIG
-    changes = ", ".join(f"{k} {','.join(reply[k])}" for k in ("added", "changed", "removed")
-                        if reply.get(k))
-    print(f"netd reloaded ({changes or 'no changes'})")
-    return os.EX_OK
+        return found
 
 
 def _reload_result(control: str, pid: int, sent_s: float) -> dict[str, Any] | None:

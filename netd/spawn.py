@@ -129,6 +129,22 @@ def _strings(items: list[str] | tuple[str, ...]) -> ctypes.Array[ctypes.c_char_p
     return (ctypes.c_char_p * (len(items) + 1))(*(os.fsencode(item) for item in items), None)
 
 
+def lowest_fd(fd: int) -> int:
+    """`fd` moved to the lowest free number, if that is lower (the old one is closed).
+
+    posix_spawn's file actions refuse an fd whose number is at or above RLIMIT_NOFILE
+    (EBADF: the child would keep the spawner's own fd 2), and a helper inherits its fds
+    with the supervisor's numbers, which grow with its listeners, while a service's
+    `rlimits: {nofile: N}` may be small.
+    """
+    low = os.dup(fd)
+    if low > fd:
+        os.close(low)
+        return fd
+    os.close(fd)
+    return low
+
+
 def fork_helper(main: Callable[[], None], keep_fds: list[int], identity: Identity,
                 prepare: Callable[[], None] | None = None) -> int:
     """Fork a long-lived helper (a spawner, a prefork worker) that takes `identity`

@@ -19,7 +19,6 @@ retires this one: it stops accepting, lets its children finish, and leaves.
 
 from __future__ import annotations
 
-import errno
 import os
 import signal
 import socket
@@ -39,6 +38,13 @@ from netd.peer import Peer, accept_fields, describe, refuse_fields
 from netd.policy import Counters, RateWindow, Refuse, check_rate, decide, source_key
 from netd.proxywait import ProxyGate
 from netd.reports import Reporter, Started, read_notes
+from netd.shortage import (
+    ACCEPT_SHORTAGES,
+    RESOURCE_PAUSE_S,
+    START_SHORTAGES,
+    Waiter,
+    what_ran_short,
+)
 from netd.spawn import (
     ExecSpawn,
     exec_env,
@@ -53,13 +59,10 @@ from netd.stderr import StderrPipe
 ACCEPTS_PER_WAKEUP = 64
 MAX_SPAWNING = 32          # exec children waiting for the spawn thread, at most
 DATAGRAMS_PER_WAKEUP = 64
-RESOURCE_PAUSE_S = 1.0     # a service stops accepting this long when out of fds or processes
 KILL_GRACE_S = 5.0         # after max_duration's SIGTERM, SIGKILL
 # A UDP builtin never answers port 0 or another small-services port: that is how two
 # servers start bouncing datagrams off each other.
 SMALL_SERVICE_PORTS = frozenset((0, 7, 9, 13, 19, 37))
-# accept() failing for want of fds or memory leaves the socket readable: pause instead.
-SHORTAGES = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 
 
 @dataclass(frozen=True)
@@ -86,16 +89,20 @@ class Served:
     state: str = "listening"
     resume_at: Timer | None = None
     running: int = 0  # children of its own this spawner started and has not reaped
+    short: bool = False  # out of fds, processes or memory (netd.shortage) until it serves again
+    waiting: list[Waiter] = field(default_factory=list)  # connections waiting out a shortage
 
 
 class Spawner:
     """The loop of one spawner process; `run()` returns when it may leave."""
 
-    def __init__(self, plan: Plan, link: socket.socket, log: Log, devnull: int) -> None:
+    def __init__(self, plan: Plan, link: socket.socket, log: Log, devnull: int,
+                 stderr: dict[str, tuple[int, int]]) -> None:
         self.plan = plan
         self.link = link
         self.log = log
         self.devnull = devnull  # opened before a chroot could hide /dev/null
+        self.stderr = stderr    # the pipes of `stderr: log` services, made by the supervisor
         self.loop = EventLoop()
         self.children = ChildTable()
         self.streams: set[InlineStream] = set()
@@ -147,8 +154,9 @@ class Spawner:
         service = served.service
         if service.limits.rate is not None:
             served.window = RateWindow(service.limits.rate)
-        if service.kind == "exec" and service.stderr == "log":
-            served.stderr = StderrPipe(self.loop, self.log, service.name)
+        if service.name in self.stderr:
+            served.stderr = StderrPipe(self.loop, self.log, service.name,
+                                       *self.stderr[service.name])
         for listener in served.listeners:
             mode = service.mode(listener.address)
             if mode == "wait":
@@ -194,12 +202,14 @@ class Spawner:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
+                if e.errno in ACCEPT_SHORTAGES:
+                    self._short(served, f"accept failed: {what_ran_short(e)}")
+                    return
                 self.log.event("error", "err", service=service.name,
                                msg=f"accept failed: {e.strerror}")
-                if e.errno in SHORTAGES:
-                    self.suspend(served, time.monotonic() + RESOURCE_PAUSE_S, "resources")
-                    return
                 continue
+            if served.short:
+                self._recovered(served)
             if service.proxy is not None:
                 self.proxies.wait((served, listener), conn, remote, service.proxy)
             else:
@@ -228,6 +238,8 @@ class Spawner:
         ticket = Ticket(served.counters, source, None if inline else pool)
         if inline:
             self._stream(served, listener, conn, peer, ticket)
+        elif served.waiting:  # behind those that wait out a shortage
+            served.waiting.append(Waiter(listener, conn, peer, remote, ticket))
         else:
             self._start(served, listener, conn, peer, remote, ticket, None)
 
@@ -249,11 +261,13 @@ class Spawner:
             pid = fork_handler(lambda: serve_python(service, sock, remote),
                                [sock.fileno(), *self.log.fds()], self.log, service.name)
         except OSError as e:
-            self._not_started(served, listener, ticket, mode, e)
+            waiter = None
+            if ticket is not None:  # a connection, not a wait-mode socket
+                waiter = Waiter(listener, sock, peer, remote, ticket)
+            self._not_started(served, listener, ticket, mode, e, waiter)
             return
-        finally:
-            if not waits:
-                sock.close()
+        if not waits:
+            sock.close()
         self._started(served, Child(pid, service.name, ticket,
                                     wait_key=str(listener.address) if waits else None),
                       listener, peer, mode)
@@ -263,7 +277,11 @@ class Spawner:
         served, listener, peer, ticket, mode = request.context
         if request.pid is None:
             assert request.error is not None
-            self._not_started(served, listener, ticket, mode, request.error)
+            waiter = None
+            if ticket is not None:  # a connection, still open (SpawnQueue closes it once
+                # started): it may wait out a shortage
+                waiter = Waiter(listener, socket.socket(fileno=request.fd), peer, None, ticket)
+            self._not_started(served, listener, ticket, mode, request.error, waiter)
         else:
             self._started(served, Child(request.pid, served.service.name, ticket,
                                         wait_key=str(listener.address) if mode == "wait"
@@ -274,22 +292,31 @@ class Spawner:
             self.held.clear()
 
     def _not_started(self, served: Served, listener: Listener, ticket: Ticket | None,
-                     mode: str | None, error: OSError) -> None:
-        self.log.event("error", "err", service=served.service.name,
-                       msg=f"cannot start child: {error}")
+                     mode: str | None, error: OSError, waiter: Waiter | None) -> None:
+        """A child could not be started: for want of processes, memory or fds, the
+        service pauses and the connection (`waiter`, None in wait mode) waits first in
+        line; for any other reason, the connection is closed."""
         self.report.failed(served.service.name)
-        if ticket is not None:
-            ticket.release()
         if mode == "wait":
             listener.resume("busy")
             self._note_state(served)
-        if error.errno in (errno.EAGAIN, errno.ENOMEM, *SHORTAGES):
-            # Out of processes (RLIMIT_NPROC) or memory: pause, connections wait.
-            self.suspend(served, time.monotonic() + RESOURCE_PAUSE_S, "resources")
+        if error.errno in START_SHORTAGES:
+            if waiter is not None:
+                served.waiting.insert(0, waiter)
+            self._short(served, f"cannot start a child: {what_ran_short(error)}")
+            return
+        self.log.event("error", "err", service=served.service.name,
+                       msg=f"cannot start child: {error}")
+        if waiter is not None:
+            waiter.drop()
+        elif ticket is not None:
+            ticket.release()
 
     def _started(self, served: Served, child: Child, listener: Listener, peer: Peer,
                  mode: str | None) -> None:
         service = served.service
+        if served.short:
+            self._recovered(served)
         self.children.add(child)
         served.running += 1
         self.report.accepted(service.name)
@@ -407,21 +434,55 @@ class Spawner:
         for listener in served.listeners:
             listener.pause("suspended")
         served.resume_at = self.loop.at(until_s, lambda: self.resume(served))
-        self.log.event("suspend", "warning", service=served.service.name, reason=reason,
-                       pause=f"{until_s - time.monotonic():.3f}s")
+        if reason != "resources":  # a shortage is said once, when it begins (_short)
+            self.log.event("suspend", "warning", service=served.service.name, reason=reason,
+                           pause=f"{until_s - time.monotonic():.3f}s")
         self._note_state(served)
 
     def resume(self, served: Served) -> None:
-        """Accept again after a suspension."""
+        """Accept again after a suspension; after a shortage, try again: with the first
+        connection that waits (the others follow once it has its child), or with the
+        next one accepted."""
         served.resume_at = None
+        if served.short and served.waiting:
+            waiter = served.waiting.pop(0)
+            self._start(served, waiter.listener, waiter.conn, waiter.peer, waiter.remote,
+                        waiter.ticket, None)
+            return
         for listener in served.listeners:
             listener.resume("suspended")
+        if not served.short:
+            self.log.event("resume", service=served.service.name)
+        self._note_state(served)
+
+    def _short(self, served: Served, msg: str) -> None:
+        """Out of fds, processes or memory: pause, and try again every RESOURCE_PAUSE_S;
+        said once, when the shortage begins (netd.shortage)."""
+        if not served.short:
+            served.short = True
+            self.log.event("suspend", "warning", service=served.service.name,
+                           reason="resources", pause=f"{RESOURCE_PAUSE_S:.3f}s",
+                           msg=f"{msg}; connections wait, tried again every "
+                               f"{RESOURCE_PAUSE_S:g}s until it clears")
+        self.suspend(served, time.monotonic() + RESOURCE_PAUSE_S, "resources")
+
+    def _recovered(self, served: Served) -> None:
+        """A connection got through again after a shortage: the ones waiting follow, and
+        the service accepts again."""
+        served.short = False
         self.log.event("resume", service=served.service.name)
+        if served.resume_at is None:  # not paused meanwhile (by the rate or a new shortage)
+            for listener in served.listeners:
+                listener.resume("suspended")
+        waiting, served.waiting = served.waiting, []
+        for waiter in waiting:
+            self._start(served, waiter.listener, waiter.conn, waiter.peer, waiter.remote,
+                        waiter.ticket, None)
         self._note_state(served)
 
     def _note_state(self, served: Served) -> None:
         paused = [listener.paused for listener in served.listeners]
-        state = ("suspended" if served.resume_at is not None
+        state = ("suspended" if served.resume_at is not None or served.short
                  else "busy" if paused and all("busy" in p for p in paused) else "listening")
         if state != served.state:
             served.state = state
@@ -522,7 +583,12 @@ class Spawner:
         for served in self.served.values():
             for listener in served.listeners:
                 listener.close()
+            if how == "retire" and served.waiting:
+                continue  # it still starts the connections waiting out a shortage
             self.loop.cancel(served.resume_at)
+            for waiter in served.waiting:
+                waiter.drop()
+            served.waiting.clear()
         self.proxies.fail_all("netd is stopping" if how == "stop" else "service gone")
         if how == "stop":
             for stream in list(self.streams):
@@ -542,7 +608,8 @@ class Spawner:
 
     def _done(self) -> bool:
         return (self.leaving is not None and not self.streams and not self.proxies
-                and not self.spawns.pending and self.children.own() == 0)
+                and not self.spawns.pending and self.children.own() == 0
+                and not any(served.waiting for served in self.served.values()))
 
 
 def _local(served: Served, listener: Listener, peer: Peer) -> str:

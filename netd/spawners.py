@@ -24,8 +24,9 @@ from netd.listener import Listener
 from netd.logs import Log
 from netd.loop import EventLoop, Timer
 from netd.reports import Batch, Started, send_note
-from netd.spawn import fork_helper, import_handlers, signal_group
+from netd.spawn import fork_helper, import_handlers, lowest_fd, signal_group
 from netd.spawner import Plan, Spawner
+from netd.stderr import StderrReader, stderr_pipe
 
 RESTART_S = 0.2       # a spawner that died is replaced after this, doubling
 RESTART_MAX_S = 30.0  # while its replacements keep dying young,
@@ -52,6 +53,12 @@ class SpawnerHandle:
         self.link, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         sockets = [lst.sock.fileno() for _, listeners in plan.services for lst in listeners]
         devnull = os.open(os.devnull, os.O_WRONLY | os.O_CLOEXEC)
+        # Made here so that the supervisor keeps each read end: it reads on from the
+        # children left when their spawner dies (netd.stderr).
+        stderr = {service.name: stderr_pipe() for service, _ in plan.services
+                  if service.kind == "exec" and service.stderr == "log"}
+        self.stderr = {name: read_fd for name, (read_fd, _) in stderr.items()}
+        pipe_fds = [fd for pipe in stderr.values() for fd in pipe]
 
         def failed(e: Exception) -> None:  # a fault of ours: say what, then leave
             log.wind_up()
@@ -70,17 +77,27 @@ class SpawnerHandle:
 
         def main() -> None:
             try:
-                Spawner(plan, theirs, log, devnull).run()
+                # The fds its children get as their stderr, within the service's nofile.
+                Spawner(plan, theirs, log, lowest_fd(devnull),
+                        {name: (read_fd, lowest_fd(write_fd))
+                         for name, (read_fd, write_fd) in stderr.items()}).run()
             except Exception as e:
                 failed(e)
                 raise
 
         try:
-            self.pid = fork_helper(main, [theirs.fileno(), devnull, *sockets, *log.fds()],
-                                   plan.identity, prepare)
+            self.pid = fork_helper(main, [theirs.fileno(), devnull, *sockets, *pipe_fds,
+                                          *log.fds()], plan.identity, prepare)
+        except OSError:
+            self.link.close()
+            for read_fd in self.stderr.values():
+                os.close(read_fd)
+            raise
         finally:
             theirs.close()
             os.close(devnull)
+            for _, write_fd in stderr.values():
+                os.close(write_fd)
         self.link.setblocking(False)
         loop.watch(self.link, self.read)
 
@@ -131,6 +148,15 @@ class SpawnerHandle:
         self.read()
         self.loop.unwatch(self.link)
         self.link.close()
+        for read_fd in self.stderr.values():
+            os.close(read_fd)
+        self.stderr = {}
+
+    def read_stderr_on(self, log: Log) -> None:
+        """It has died: log on what the children it left write to their stderr."""
+        for service, read_fd in self.stderr.items():
+            StderrReader(self.loop, log, service, read_fd)
+        self.stderr = {}
 
 
 @dataclass(eq=False)
@@ -292,36 +318,47 @@ class Spawners:
         child = self.children.pop(pid, None)
         if child is None:
             return False
+        if child.started.wait_key is None:
+            # Its place in max_children, which its dead spawner can no longer give back
+            # (a wait-mode child holds none; the new spawner counts it without one).
+            child.spawner.plan.pool.give_back()
+        self._tell_ended(child.spawner.plan.identity, [pid], None)
         log_exit(self.log, child.started.service, pid, status,
                  time.monotonic() - child.started_s)
-        self._tell_ended(child.spawner.plan.identity, [pid], None)
         return True
 
     def _spawner_exited(self, spawner: SpawnerHandle, status: int) -> None:
+        spawner.read_stderr_on(self.log)
         spawner.close()
         for pid in [pid for pid, c in self.children.items() if c.spawner is spawner]:
             if not _exists(pid):
                 del self.children[pid]  # its end was never reported
-        if spawner.retired:
-            return  # it left as told, once its children had ended
         identity = spawner.plan.identity
+        if spawner.retired:
+            if status != 0:  # it did not leave as told, once its children had ended
+                self.log.event("error", "err", user=identity.user, pid=spawner.pid,
+                               msg=f"retired spawner {how_it_ended(status)}")
+            return
         if self.serving.get(identity) is spawner:
             del self.serving[identity]
             if spawner.replaces:  # they serve on until its replacement is ready
                 self.serving[identity] = spawner.replaces[0]
                 spawner.replaces[0].replaces = spawner.replaces[1:]
-        self.log.event("error", "err", user=identity.user,
-                       msg=f"spawner exited (status {os.waitstatus_to_exitcode(status)})")
+        then = ""
         if not self.stopping:
-            self._restart_later(identity)
+            then = f"; a new one starts in {self._restart_later(identity):.3f}s"
+        self.log.event("error", "err", user=identity.user, pid=spawner.pid,
+                       msg=f"spawner {how_it_ended(status)}{then}")
 
-    def _restart_later(self, identity: Identity) -> None:
-        """Replace a spawner that died, after a delay that doubles while they keep failing."""
+    def _restart_later(self, identity: Identity) -> float:
+        """Replace a spawner that died, after a delay that doubles while they keep failing;
+        returns the delay."""
         failures = self.failures.get(identity, 0)
         self.failures[identity] = failures + 1
-        delay_s = min(RESTART_MAX_S, RESTART_S * 2 ** failures)
+        delay_s = min(RESTART_MAX_S, RESTART_S * 2.0 ** failures)
         self.loop.cancel(self.restarts.get(identity))
         self.restarts[identity] = self.loop.after(delay_s, lambda: self._restart(identity))
+        return delay_s
 
     def _restart(self, identity: Identity) -> None:
         self._start(identity)
@@ -364,6 +401,13 @@ def log_exit(log: Log, service: str, pid: int, status: int, lived_s: float) -> N
     else:
         log.event("exit", service=service, pid=pid, status=os.waitstatus_to_exitcode(status),
                   duration=duration)
+
+
+def how_it_ended(status: int) -> str:
+    """A wait status in words: "killed by SIGKILL", "exited with status 1"."""
+    if os.WIFSIGNALED(status):
+        return f"killed by {signal.Signals(os.WTERMSIG(status)).name}"
+    return f"exited with status {os.waitstatus_to_exitcode(status)}"
 
 
 def _exists(pid: int) -> bool:

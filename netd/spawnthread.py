@@ -24,8 +24,9 @@ from netd.spawn import ExecSpawn
 
 @dataclass(eq=False)
 class SpawnRequest:
-    """One program to start on `fd`: a connection (closed once collected) or a wait-mode
-    socket (`keep_fd`); `context` is whatever the caller needs back with the result."""
+    """One program to start on `fd`: a connection (closed once collected, if its program
+    started) or a wait-mode socket (`keep_fd`); `context` is whatever the caller needs
+    back with the result."""
 
     program: str
     argv: tuple[str, ...]
@@ -89,8 +90,10 @@ class SpawnQueue:
         """Hand what is done to on_done (the loop also calls this at each wake-up)."""
         while self.done:
             request = self.done.popleft()
-            if not request.keep_fd:
-                os.close(request.fd)  # here: a close in the thread would hand the GIL over
+            if not request.keep_fd and request.pid is not None:
+                # Here: a close in the thread would hand the GIL over. A connection whose
+                # program could not start is on_done's (it may wait out a shortage).
+                os.close(request.fd)
             self.pending -= 1
             self.on_done(request)
 

@@ -198,7 +198,18 @@ def _warm_up(t: Target) -> None:
     with socket.create_connection(("127.0.0.1", t.ports["pp"]), timeout=5) as s:
         s.sendall(b"PROXY TCP4 10.0.0.1 10.0.0.2 1 2\r\nwarm\n")
         assert s.recv(10) == b"warm\n"
+    wait_accepted(t, len(BUILTINS) + 4)
     quiesce(t, None)
+
+
+def wait_accepted(t: Target, count: int, **match: str) -> None:
+    """Wait for `count` accept lines (matching `match`). A program can answer its client
+    before its spawner's loop has collected its start, closed its own copy of the
+    connection and logged the accept: a baseline of fds is taken after the line."""
+    deadline = time.monotonic() + WAIT_S
+    while len(t.sink.find(event="accept", **match)) < count:
+        assert time.monotonic() < deadline, t.sink.raw[-20:]
+        time.sleep(0.01)
 
 
 def long_lived(t: Target) -> set[int]:
@@ -389,6 +400,7 @@ def test_connection_burst_all_at_once(target: Target) -> None:
     held = [connect(t.ports["flood"]) for _ in range(5)]
     for s in held:
         assert s.recv(3) == b"up\n"
+    wait_accepted(t, warm + 5, service="flood")
     burst: list[socket.socket] = []
     with Attack(t, "burst-2000") as attack:
         try:
@@ -779,7 +791,9 @@ def test_writable_config_on_reload_keeps_the_running_one(
 def test_out_of_fds_pauses_the_service_instead_of_spinning(
         start_netd: Callable[..., Netd], sink: SyslogSink) -> None:
     """accept() failing with EMFILE leaves the socket readable: netd must pause the
-    service (event=suspend reason=resources) and serve again once fds are free."""
+    service with one line (event=suspend reason=resources, whose msg says what ran
+    short), retry without a line per try, and, once fds are free, log one
+    event=resume and serve every connection that waited meanwhile."""
     port = free_port()
     # Its spawner as netd's own user: lowering another user's limits takes
     # CAP_SYS_RESOURCE, which root does not have everywhere (not in this sandbox).
@@ -795,10 +809,13 @@ def test_out_of_fds_pauses_the_service_instead_of_spinning(
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(b"ready?\n")
         assert s.recv(16) == b"ready?\n"
+    # Logged once the spawner has closed its copy of that connection (see wait_accepted).
+    sink.wait_for(event="accept", service="hold")
     (pid,) = children_of(netd.proc.pid)
     # No fd to spare: the spawner hands each connection on at once, so only a limit at
-    # what it holds already makes accept() fail.
-    limit = len(os.listdir(f"/proc/{pid}/fd"))
+    # its lowest free fd number makes accept() fail (it holds every one below).
+    held = {int(fd) for fd in os.listdir(f"/proc/{pid}/fd")}
+    limit = min(set(range(len(held) + 1)) - held)
     # The soft limit only: lowering the hard one could not be undone without
     # CAP_SYS_RESOURCE.
     subprocess.run(["prlimit", f"--pid={pid}", f"--nofile={limit}:"], check=True, timeout=10)
@@ -806,17 +823,25 @@ def test_out_of_fds_pauses_the_service_instead_of_spinning(
     try:
         event = sink.wait_for(event="suspend", service="hold")
         assert event["reason"] == "resources"
+        assert f"out of file descriptors (RLIMIT_NOFILE {limit})" in event["msg"], event
         ticks = _cpu_ticks(pid)
         time.sleep(0.5)
         assert _cpu_ticks(pid) - ticks < 25, "netd spins while out of fds"
+        time.sleep(2.0)  # two retries or more, every second
+        assert len(sink.find(event="suspend", service="hold")) == 1, sink.raw[-10:]
+        assert not sink.find(event="resume") and not sink.find(event="error")
+        subprocess.run(["prlimit", f"--pid={pid}", "--nofile=4096:"], check=True, timeout=10)
+        sink.wait_for(event="resume", service="hold")
+        for i, c in enumerate(clients):  # they waited in the backlog
+            c.sendall(b"waited %d\n" % i)
+            assert c.recv(16) == b"waited %d\n" % i
     finally:
         for c in clients:
             c.close()
-    subprocess.run(["prlimit", f"--pid={pid}", "--nofile=4096:"], check=True, timeout=10)
-    sink.wait_for(event="resume", service="hold")
     with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
         s.sendall(b"back\n")
         assert s.recv(16) == b"back\n"
+    assert len(sink.find(event="resume", service="hold")) == 1
 
 
 def _cpu_ticks(pid: int) -> int:

@@ -79,6 +79,7 @@ class Child:
     deadline: Timer | None = None  # max_duration's next signal
     wait_key: str | None = None    # the wait-mode socket it holds, if any
     own: bool = True               # False: a previous spawner's, counted here only
+    log_exit: bool = True          # its exit line at info (else at debug)
 
 
 class ChildTable:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import heapq
 import itertools
 import selectors
+import signal
+import socket
 import time
 from collections.abc import Callable
 from typing import Any
@@ -82,6 +84,30 @@ class EventLoop:
     def watching(self, fileobj: Any) -> bool:
         """Whether `fileobj` is watched now."""
         return _fd(fileobj) in self._watched
+
+    # -- signals ----------------------------------------------------------------------
+
+    def on_signals(self, signals: tuple[int, ...],
+                   callback: Callable[[set[int]], object]) -> None:
+        """Call `callback(received)` on the loop with the signals received. Their
+        handlers do nothing: Python writes each number to a wake-up socket this loop
+        watches, so no work is ever done inside a signal handler, and a signal that
+        comes before the loop runs waits there."""
+        wake_r, wake_w = socket.socketpair()
+        wake_r.setblocking(False)
+        wake_w.setblocking(False)
+        signal.set_wakeup_fd(wake_w.detach(), warn_on_full_buffer=False)
+        for sig in signals:
+            signal.signal(sig, _note_signal)
+
+        def read() -> None:
+            try:
+                received = set(wake_r.recv(256))
+            except BlockingIOError:
+                return
+            callback(received)
+
+        self.watch(wake_r, read)
 
     # -- timers -----------------------------------------------------------------
 
@@ -161,6 +187,10 @@ class EventLoop:
     def close(self) -> None:
         """Release the selector (watched file objects are not closed)."""
         self._selector.close()
+
+
+def _note_signal(signum: int, frame: object) -> None:
+    """The signal's number reaches the loop through the wake-up socket; nothing to do here."""
 
 
 def _fd(fileobj: Any) -> int:

@@ -19,7 +19,6 @@ retires this one: it stops accepting, lets its children finish, and leaves.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import time
@@ -27,16 +26,16 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from netd import proctitle
-from netd.children import Child, ChildPool, ChildTable, Ticket
+from netd.children import Child, ChildPool, Ticket
 from netd.config.model import Identity, Service
-from netd.handlers.builtins import BUILTINS
-from netd.handlers.inline import InlineStream
+from netd.inline_server import InlineServer
 from netd.listener import Listener
 from netd.logs import Log
 from netd.loop import EventLoop, Timer
 from netd.peer import Peer, accept_fields, describe, refuse_fields
 from netd.policy import Counters, RateWindow, Refuse, check_rate, decide, source_key
 from netd.proxywait import ProxyGate
+from netd.reaper import Reaper
 from netd.reports import Reporter, Started, read_notes
 from netd.shortage import (
     ACCEPT_SHORTAGES,
@@ -51,18 +50,12 @@ from netd.spawn import (
     fork_handler,
     ignored_signals,
     serve_python,
-    signal_group,
 )
 from netd.spawnthread import SpawnQueue, SpawnRequest
 from netd.stderr import StderrPipe
 
 ACCEPTS_PER_WAKEUP = 64
 MAX_SPAWNING = 32          # exec children waiting for the spawn thread, at most
-DATAGRAMS_PER_WAKEUP = 64
-KILL_GRACE_S = 5.0         # after max_duration's SIGTERM, SIGKILL
-# A UDP builtin never answers port 0 or another small-services port: that is how two
-# servers start bouncing datagrams off each other.
-SMALL_SERVICE_PORTS = frozenset((0, 7, 9, 13, 19, 37))
 
 
 @dataclass(frozen=True)
@@ -104,26 +97,20 @@ class Spawner:
         self.devnull = devnull  # opened before a chroot could hide /dev/null
         self.stderr = stderr    # the pipes of `stderr: log` services, made by the supervisor
         self.loop = EventLoop()
-        self.children = ChildTable()
-        self.streams: set[InlineStream] = set()
-        self.early_exits: dict[int, int] = {}  # pid: status, reaped before known started
-        self.datagram = bytearray(65536)  # every datagram is read into it: no 64 KB each
         self.held: set[Listener] = set()  # paused while the spawn thread catches up
         self.leaving: str | None = None  # "retire" or "stop"
         self.report = Reporter(link, self.loop, log.lost)
+        self.children = Reaper(self.loop, log, self.report, self._ended)
+        self.inline = InlineServer(self.loop, log, self.report,
+                                   lambda service, peer, reason:
+                                   self._refuse(self.served[service.name], peer, reason))
         self.served = {service.name: Served(service, listeners)
                        for service, listeners in plan.services}
         self.proxies: ProxyGate[tuple[Served, Listener]] = ProxyGate(
             self.loop, self._proxied, self._proxy_refused)
         for started in plan.inherited:
             self._inherit(started)
-        # Signals: SIGCHLD and SIGTERM reach the loop through the wake-up socket.
-        self.wake_r, wake_w = socket.socketpair()
-        self.wake_r.setblocking(False)
-        wake_w.setblocking(False)
-        signal.set_wakeup_fd(wake_w.detach(), warn_on_full_buffer=False)
-        for sig in (signal.SIGCHLD, signal.SIGTERM):
-            signal.signal(sig, _note_signal)
+        self.loop.on_signals((signal.SIGCHLD, signal.SIGTERM), self._signals)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         # Made once the dispositions are set: it resets what this process ignores.
         self.spawns = SpawnQueue(self.loop, ExecSpawn(ignored_signals()), self._spawned)
@@ -132,13 +119,12 @@ class Spawner:
 
     def run(self) -> None:
         """Serve until retired or stopped and every child has ended."""
-        self.loop.watch(self.wake_r, self._signals)
         self.link.setblocking(False)
         self.loop.watch(self.link, self._notes)
         for served in self.served.values():
             self._serve(served)
         self.report.ready()
-        self._reap()  # a child that ended before the handlers were in place
+        self.children.reap(False)  # a child that ended before the handlers were in place
         while not self._done():
             self.spawns.collect()
             self.report.send_due()  # what this wake-up did, in a batch now or soon
@@ -162,7 +148,7 @@ class Spawner:
             if mode == "wait":
                 listener.serve(self.loop, partial(self.wait, served, listener))
             elif mode == "inline" and not listener.address.is_stream:
-                listener.serve(self.loop, partial(self.datagrams, served, listener))
+                listener.serve(self.loop, partial(self.inline.datagrams, service, listener))
             else:
                 listener.serve(self.loop, partial(self.nowait, served, listener))
 
@@ -237,7 +223,7 @@ class Spawner:
         source = source_key(peer) if service.limits.per_source is not None else None
         ticket = Ticket(served.counters, source, None if inline else pool)
         if inline:
-            self._stream(served, listener, conn, peer, ticket)
+            self.inline.stream(service, conn, peer, _local(served, listener, peer), ticket)
         elif served.waiting:  # behind those that wait out a shortage
             served.waiting.append(Waiter(listener, conn, peer, remote, ticket))
         else:
@@ -317,12 +303,9 @@ class Spawner:
         service = served.service
         if served.short:
             self._recovered(served)
-        self.children.add(child)
+        child.log_exit = service.log_exit
         served.running += 1
         self.report.accepted(service.name)
-        if service.max_duration_s is not None:
-            child.deadline = self.loop.after(
-                service.max_duration_s, lambda: self._expire(child, signal.SIGTERM))
         self.log.event("accept", "info" if service.log_accept else "debug",
                        **accept_fields(service.name, peer, _local(served, listener, peer),
                                        child.pid, mode))
@@ -330,75 +313,12 @@ class Spawner:
                                     if child.ticket else None, child.wait_key))
         if mode == "wait":
             self._note_state(served)
-        status = self.early_exits.pop(child.pid, None)
-        if status is not None:  # it ended before the spawn thread said it had started
-            self.children.pop(child.pid)
-            self._ended(child, status)
+        self.children.add(child, service.max_duration_s)
 
     def _refuse(self, served: Served, peer: Peer, reason: str, **detail: object) -> None:
         self.report.refused(served.service.name, reason)
         self.log.event("refuse", "notice", **refuse_fields(served.service.name, peer, reason,
                                                            **detail))
-
-    # -- inline: builtins served in this loop ---------------------------------------
-
-    def _stream(self, served: Served, listener: Listener, conn: socket.socket, peer: Peer,
-                ticket: Ticket) -> None:
-        service = served.service
-        assert service.builtin is not None
-        self.report.accepted(service.name)
-        pid = os.getpid()
-        self.log.event("accept", "info" if service.log_accept else "debug",
-                       **accept_fields(service.name, peer, _local(served, listener, peer),
-                                       pid, "inline"))
-        started_s = time.monotonic()
-
-        def ended(reason: str) -> None:
-            self.streams.discard(stream)
-            ticket.release()
-            logged = service.log_exit or reason != "done"
-            self.log.event("close", "info" if logged else "debug", service=service.name,
-                           **peer.who(), pid=pid, reason=reason,
-                           duration=f"{time.monotonic() - started_s:.3f}s")
-
-        stream = InlineStream(self.loop, conn, BUILTINS[service.builtin].stream,
-                              service.timeout_s, ended)
-        self.streams.add(stream)
-        stream.start()
-
-    def datagrams(self, served: Served, listener: Listener) -> None:
-        """A UDP builtin: answer each queued datagram right here."""
-        service = served.service
-        assert service.builtin is not None
-        reply_to = BUILTINS[service.builtin].datagram
-        # This loop is the whole cost of a UDP request: what is constant is hoisted.
-        sock = listener.sock
-        access = service.access if service.access.restricts_ip else None
-        logged = self.log.wants("debug")
-        received = self.datagram
-        view = memoryview(received)
-        for _ in range(DATAGRAMS_PER_WAKEUP):
-            try:
-                size, remote = sock.recvfrom_into(received)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                continue  # an ICMP error queued for an earlier reply
-            if remote[1] in SMALL_SERVICE_PORTS:
-                continue
-            if access is not None and not access.permits_ip(remote[0]):
-                self._refuse(served, Peer.from_ip(remote[0], remote[1], "udp"), "access")
-                continue
-            reply = reply_to(bytes(view[:size]))
-            if reply is not None:
-                try:
-                    sock.sendto(reply, remote)
-                except OSError:
-                    pass  # a full send buffer drops the reply, as UDP may
-            if logged:
-                self.log.event("datagram", "debug", service=service.name, proto="udp",
-                               peer=describe(remote, listener.address.family),
-                               local=listener.local)
 
     # -- wait: the child gets the socket itself -------------------------------------
 
@@ -490,36 +410,9 @@ class Spawner:
 
     # -- children -------------------------------------------------------------------
 
-    def _reap(self) -> None:
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
-            child = self.children.pop(pid)
-            if child is not None:
-                self._ended(child, status)
-            elif self.spawns.pending:
-                self.early_exits[pid] = status  # its start has not been collected yet
-
     def _ended(self, child: Child, status: int | None) -> None:
-        """Log a child's end (status None: not ours to reap) and free what it held."""
-        self.loop.cancel(child.deadline)
+        """What a child held in its service, now free."""
         served = self.served.get(child.service)
-        if status is not None:
-            duration = f"{time.monotonic() - child.started_s:.3f}s"
-            if os.WIFSIGNALED(status):
-                self.log.event("exit", "warning", service=child.service, pid=child.pid,
-                               signal=signal.Signals(os.WTERMSIG(status)).name,
-                               duration=duration)
-            else:
-                logged = served is None or served.service.log_exit
-                self.log.event("exit", "info" if logged else "debug", service=child.service,
-                               pid=child.pid, status=os.waitstatus_to_exitcode(status),
-                               duration=duration)
-            self.report.ended(child.pid, status)
         if served is None:
             return
         if child.wait_key is not None:
@@ -534,25 +427,12 @@ class Spawner:
                 # line without its newline is complete.
                 served.stderr.drain()
 
-    def _expire(self, child: Child, sig: signal.Signals) -> None:
-        """A child ran past max_duration: SIGTERM, then SIGKILL KILL_GRACE_S later."""
-        self.log.event("timeout", "warning", service=child.service, pid=child.pid,
-                       reason="max_duration", signal=sig.name)
-        signal_group(child.pid, sig)
-        if sig == signal.SIGTERM:
-            child.deadline = self.loop.after(KILL_GRACE_S,
-                                             lambda: self._expire(child, signal.SIGKILL))
-
     # -- what the supervisor and signals say ----------------------------------------
 
-    def _signals(self) -> None:
-        try:
-            received = set(self.wake_r.recv(256))
-        except BlockingIOError:
-            return
+    def _signals(self, received: set[int]) -> None:
         if signal.SIGTERM in received:
             self.leave("stop")
-        self._reap()
+        self.children.reap(bool(self.spawns.pending))
 
     def _notes(self) -> None:
         notes = read_notes(self.link)
@@ -568,9 +448,7 @@ class Spawner:
             if "sync" in note:
                 self.report.sync(int(note["sync"]))
             for pid in note.get("ended", ()):
-                child = self.children.pop(int(pid))
-                if child is not None:
-                    self._ended(child, None)
+                self.children.forget(int(pid))
 
     def leave(self, how: str, stop_timeout_s: float | None = None) -> None:
         """retire: stop accepting and leave once the children have ended; stop: also
@@ -591,24 +469,13 @@ class Spawner:
             served.waiting.clear()
         self.proxies.fail_all("netd is stopping" if how == "stop" else "service gone")
         if how == "stop":
-            for stream in list(self.streams):
-                stream.close("stop")
-            for child in self.children:
-                if child.own:
-                    signal_group(child.pid, signal.SIGTERM)
-            self.loop.every(self.plan.stop_timeout_s if stop_timeout_s is None else stop_timeout_s,
-                            self._kill_left)
-
-    def _kill_left(self) -> None:
-        left = [child for child in self.children if child.own]
-        if left:
-            self.log.event("kill", "warning", children=len(left), reason="stop_timeout")
-        for child in left:
-            signal_group(child.pid, signal.SIGKILL)
+            self.inline.close_all("stop")
+            self.children.stop(self.plan.stop_timeout_s if stop_timeout_s is None
+                               else stop_timeout_s)
 
     def _done(self) -> bool:
-        return (self.leaving is not None and not self.streams and not self.proxies
-                and not self.spawns.pending and self.children.own() == 0
+        return (self.leaving is not None and not self.inline.streams and not self.proxies
+                and not self.spawns.pending and not self.children.running()
                 and not any(served.waiting for served in self.served.values()))
 
 
@@ -618,7 +485,3 @@ def _local(served: Served, listener: Listener, peer: Peer) -> str:
     if peer.local is not None and (listener.wildcard or served.service.proxy is not None):
         return describe(peer.local, peer.family)
     return listener.local
-
-
-def _note_signal(signum: int, frame: object) -> None:
-    """The signal number reaches the loop through the wake-up fd; nothing to do here."""

@@ -23,6 +23,7 @@ from netd.config.model import Identity, Service
 from netd.listener import Listener
 from netd.logs import Log
 from netd.loop import EventLoop, Timer
+from netd.reaper import log_exit
 from netd.reports import Batch, Started, send_note
 from netd.spawn import fork_helper, import_handlers, lowest_fd, signal_group
 from netd.spawner import Plan, Spawner
@@ -390,17 +391,6 @@ class Spawners:
         """Close every link (the processes are not touched)."""
         for spawner in self.by_pid.values():
             spawner.close()
-
-
-def log_exit(log: Log, service: str, pid: int, status: int, lived_s: float) -> None:
-    """The event=exit line of a process the supervisor reaped itself."""
-    duration = f"{lived_s:.3f}s"
-    if os.WIFSIGNALED(status):
-        log.event("exit", "warning", service=service, pid=pid,
-                  signal=signal.Signals(os.WTERMSIG(status)).name, duration=duration)
-    else:
-        log.event("exit", service=service, pid=pid, status=os.waitstatus_to_exitcode(status),
-                  duration=duration)
 
 
 def how_it_ended(status: int) -> str:

@@ -32,10 +32,11 @@ from netd.listener import Listener
 from netd.logs import Log
 from netd.loop import EventLoop, Timer
 from netd.peer import describe
+from netd.reaper import log_exit
 from netd.scrape import MetricsEndpoint, Render
 from netd.sockets import bind, set_file_owner, tune
 from netd.spawn import become_subreaper, give_back_memory, load_config_apart, signal_group
-from netd.spawners import Counts, Group, Spawners, log_exit
+from netd.spawners import Counts, Group, Spawners
 from netd.systemd import Notifier, adopt
 from netd.worker_pool import WorkerPool
 
@@ -81,7 +82,6 @@ class Supervisor:
         self.last_reload: dict[str, Any] | None = None
         self.passed_names = dict(passed or {})
         self.passed = {fd: socket.socket(fileno=fd) for fd in self.passed_names}
-        self.wakeup_r, self.wakeup_w = socket.socketpair()
         # Programs a dead spawner leaves behind become our children, so that they
         # are still reaped and logged.
         become_subreaper()
@@ -94,11 +94,7 @@ class Supervisor:
         self.log.event("start", version=__version__, pid=os.getpid(), config=self.config.path)
         # Before anyone is told we are ready: a SIGHUP or SIGTERM right after must wait
         # in the wake-up socket for the loop, not kill us with its default action.
-        self.wakeup_r.setblocking(False)
-        self.wakeup_w.setblocking(False)
-        signal.set_wakeup_fd(self.wakeup_w.fileno(), warn_on_full_buffer=False)
-        for sig in HANDLED_SIGNALS:
-            signal.signal(sig, _note_signal)
+        self.loop.on_signals(HANDLED_SIGNALS, self._signals)
         try:
             self.apply(self.config)
             self.control.open()
@@ -282,7 +278,6 @@ class Supervisor:
 
     def run(self) -> int:
         """Serve until SIGTERM or SIGINT, then stop gracefully; returns the exit code."""
-        self.loop.watch(self.wakeup_r, self._signals)
         if self.notifier.watchdog_interval_s is not None:
             self.loop.every(self.notifier.watchdog_interval_s, self.notifier.watchdog)
         while not (self.stopping and not self._running()):
@@ -294,11 +289,7 @@ class Supervisor:
         self.log.flush()
         return 0
 
-    def _signals(self) -> None:
-        try:
-            received = set(self.wakeup_r.recv(256))
-        except BlockingIOError:
-            return
+    def _signals(self, received: set[int]) -> None:
         if signal.SIGTERM in received or signal.SIGINT in received:
             self.stop(signal.Signals(signal.SIGTERM if signal.SIGTERM in received
                                      else signal.SIGINT).name)
@@ -451,13 +442,7 @@ class Supervisor:
             sock.close()
         self.spawners.close()
         self.loop.close()
-        self.wakeup_r.close()
-        self.wakeup_w.close()
 
 
 def _counts(counts: dict[str, Counts], name: str) -> Counts:
     return counts.get(name) or Counts()
-
-
-def _note_signal(signum: int, frame: object) -> None:
-    """The signal number reaches the loop through the wake-up fd; nothing to do here."""

@@ -75,16 +75,10 @@ class BuiltinWorker:
         self.loop = EventLoop()
         self.streams: set[InlineStream] = set()
         self.stopping = False
-        self.wake_r, wake_w = socket.socketpair()
-        self.wake_r.setblocking(False)
-        wake_w.setblocking(False)
-        signal.set_wakeup_fd(wake_w.detach(), warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, _note_signal)
+        self.loop.on_signals((signal.SIGTERM, signal.SIGINT), self._stop)
 
     def run(self) -> None:
         """Serve until SIGTERM, then until the connections being served are over."""
-        self.loop.watch(self.wake_r, self._stop)
         for sock in self.sockets:
             sock.setblocking(False)
             self.loop.watch(sock, partial(self._accept, sock))
@@ -120,19 +114,11 @@ class BuiltinWorker:
         if reason != "done":  # a worker logs the peers that went away or fell silent
             self.log.event("close", service=self.service.name, pid=os.getpid(), reason=reason)
 
-    def _stop(self) -> None:
-        try:
-            self.wake_r.recv(256)
-        except BlockingIOError:
-            return
+    def _stop(self, received: set[int]) -> None:
         self.stopping = True
         for sock in self.sockets:
             self.loop.unwatch(sock)
             sock.close()  # our copy: the supervisor and other workers keep theirs
-
-
-def _note_signal(signum: int, frame: object) -> None:
-    """The signal number reaches the loop through the wake-up fd; nothing to do here."""
 
 
 def _nothing(reason: str) -> None:

@@ -100,9 +100,10 @@ class ExecSpawn:
         actions = ctypes.create_string_buffer(_SPAWN_STRUCT_BYTES)
         _HOLDING.posix_spawn_file_actions_init(actions)
         try:
-            _HOLDING.posix_spawn_file_actions_adddup2(actions, conn_fd, 0)
-            _HOLDING.posix_spawn_file_actions_adddup2(actions, conn_fd, 1)
-            _HOLDING.posix_spawn_file_actions_adddup2(actions, stderr_fd, 2)
+            for fd, target in ((conn_fd, 0), (conn_fd, 1), (stderr_fd, 2)):
+                failed = _HOLDING.posix_spawn_file_actions_adddup2(actions, fd, target)
+                if failed:  # EBADF: fd at or above RLIMIT_NOFILE
+                    raise OSError(failed, f"fd {fd}: {os.strerror(failed)}", program)
             pid = ctypes.c_int()
             failed = _RELEASING.posix_spawn(ctypes.byref(pid), made[0], actions, self.attr,
                                             made[1], _strings([f"{k}={v}"
@@ -306,11 +307,11 @@ PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
 
 
-def die_with_parent(sig: int) -> None:
-    """prctl(PR_SET_PDEATHSIG): the kernel sends `sig` when our parent dies."""
-    parent = os.getppid()
+def die_with_parent(sig: int, parent: int) -> None:
+    """prctl(PR_SET_PDEATHSIG): the kernel sends `sig` when our parent (`parent`, its
+    pid as it was before the fork) dies."""
     _prctl(PR_SET_PDEATHSIG, sig)
-    if os.getppid() != parent:  # it died before the prctl took effect
+    if os.getppid() != parent:  # it died before the prctl took effect, even before we ran
         os.kill(os.getpid(), sig)
 
 

@@ -9,6 +9,7 @@ what they serve and leave, and a new pool takes over the same sockets.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import time
@@ -51,9 +52,10 @@ class WorkerPool:
         """Start the workers the pool is missing."""
         service = self.service
         sockets = [lst.sock for lst in self.listeners]
+        supervisor = os.getpid()  # the worker dies with it: known before the fork
         for _ in range(service.workers - len(self.started_s)):
             try:
-                pid = fork_helper(lambda: _run_worker(service, sockets, self.log),
+                pid = fork_helper(lambda: _run_worker(service, sockets, self.log, supervisor),
                                   [s.fileno() for s in sockets] + self.log.fds(),
                                   service.identity, lambda: _load_worker(service))
             except OSError as e:
@@ -100,7 +102,8 @@ def _load_worker(service: Service) -> None:
     import_handlers([service])
 
 
-def _run_worker(service: Service, sockets: list[socket.socket], log: Log) -> None:
+def _run_worker(service: Service, sockets: list[socket.socket], log: Log,
+                supervisor: int) -> None:
     from netd.workers import run_worker
 
-    run_worker(service, sockets, log)
+    run_worker(service, sockets, log, supervisor)

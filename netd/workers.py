@@ -36,11 +36,12 @@ from netd.spawn import die_with_parent
 ACCEPTS_PER_WAKEUP = 64
 
 
-def run_worker(service: Service, sockets: list[socket.socket], log: Log) -> None:
+def run_worker(service: Service, sockets: list[socket.socket], log: Log,
+               supervisor: int) -> None:
     """The whole life of one worker (in a forked child that took the service's identity)."""
     # A worker left behind by a supervisor killed with SIGKILL would go on accepting
     # on its sockets for ever: have the kernel SIGTERM it when the supervisor dies.
-    die_with_parent(signal.SIGTERM)
+    die_with_parent(signal.SIGTERM, supervisor)
     proctitle.worker(service.name)
     log.in_child(has_loop=True)  # never stall every connection of a worker on a slow syslog
     if service.kind == "builtin":

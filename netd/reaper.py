@@ -1,9 +1,6 @@
 """The children of a spawner as they live: each recorded when it starts, reaped when it
 ends (its exit logged, its admission ticket given back), signalled when it runs past
 max_duration, and ended when netd stops.
-
-A child started by the spawn thread can end before the loop has collected its start:
-its exit is kept until then, so that its accept line still comes before its exit.
 """
 
 from __future__ import annotations
@@ -33,7 +30,6 @@ class Reaper:
         self.report = report
         self.on_end = on_end
         self.table = ChildTable()
-        self.early: dict[int, int] = {}  # pid: status, reaped before its start was known
 
     def add(self, child: Child, max_duration_s: float | None = None) -> None:
         """Record a child that has started (its accept line is logged)."""
@@ -41,13 +37,9 @@ class Reaper:
         if max_duration_s is not None:
             child.deadline = self.loop.after(
                 max_duration_s, lambda: self._expire(child, signal.SIGTERM))
-        status = self.early.pop(child.pid, None)
-        if status is not None:  # it ended before the spawn thread said it had started
-            self.table.pop(child.pid)
-            self._end(child, status)
 
-    def reap(self, starting: bool) -> None:
-        """Collect every child that has exited (`starting`: starts are still to come)."""
+    def reap(self) -> None:
+        """Collect every child that has exited."""
         while True:
             try:
                 pid, status = os.waitpid(-1, os.WNOHANG)
@@ -58,8 +50,6 @@ class Reaper:
             child = self.table.pop(pid)
             if child is not None:
                 self._end(child, status)
-            elif starting:
-                self.early[pid] = status
 
     def forget(self, pid: int) -> None:
         """A child of an earlier spawner, counted here, has ended."""

@@ -51,11 +51,9 @@ from netd.spawn import (
     ignored_signals,
     serve_python,
 )
-from netd.spawnthread import SpawnQueue, SpawnRequest
 from netd.stderr import StderrPipe
 
 ACCEPTS_PER_WAKEUP = 64
-MAX_SPAWNING = 32          # exec children waiting for the spawn thread, at most
 
 
 @dataclass(frozen=True)
@@ -97,7 +95,6 @@ class Spawner:
         self.devnull = devnull  # opened before a chroot could hide /dev/null
         self.stderr = stderr    # the pipes of `stderr: log` services, made by the supervisor
         self.loop = EventLoop()
-        self.held: set[Listener] = set()  # paused while the spawn thread catches up
         self.leaving: str | None = None  # "retire" or "stop"
         self.report = Reporter(link, self.loop, log.lost)
         self.children = Reaper(self.loop, log, self.report, self._ended)
@@ -113,7 +110,7 @@ class Spawner:
         self.loop.on_signals((signal.SIGCHLD, signal.SIGTERM), self._signals)
         signal.signal(signal.SIGHUP, signal.SIG_IGN)
         # Made once the dispositions are set: it resets what this process ignores.
-        self.spawns = SpawnQueue(self.loop, ExecSpawn(ignored_signals()), self._spawned)
+        self.spawn = ExecSpawn(ignored_signals())
 
     # -- setting up -----------------------------------------------------------------
 
@@ -124,14 +121,12 @@ class Spawner:
         for served in self.served.values():
             self._serve(served)
         self.report.ready()
-        self.children.reap(False)  # a child that ended before the handlers were in place
+        self.children.reap()  # a child that ended before the handlers were in place
         while not self._done():
-            self.spawns.collect()
             self.report.send_due()  # what this wake-up did, in a batch now or soon
             self.log.pump(self.loop)
             self.loop.run_once()
         self.report.flush()
-        self.spawns.close()
         self.log.wind_up()
         self.log.flush()
 
@@ -171,11 +166,6 @@ class Spawner:
         """Take what is queued on a stream listener, each connection through the policy."""
         service = served.service
         for _ in range(ACCEPTS_PER_WAKEUP):
-            if self.spawns.pending >= MAX_SPAWNING and service.kind == "exec":
-                # The spawn thread is behind: connections wait in the kernel's queue.
-                listener.pause("spawning")
-                self.held.add(listener)
-                return
             if served.window is not None:
                 now = time.monotonic()
                 suspend = check_rate(served.window, service.limits, now)
@@ -232,20 +222,18 @@ class Spawner:
     def _start(self, served: Served, listener: Listener, sock: socket.socket, peer: Peer,
                remote: object, ticket: Ticket | None, mode: str | None) -> None:
         """Start the child that serves `sock`: a connection (ours to close) or, in wait
-        mode, the listening socket itself. An exec child is started by the spawn thread
-        (its result comes back through _spawned); a python handler's is forked here."""
+        mode, the listening socket itself. An exec child is spawned (vfork + exec), a
+        python handler's forked."""
         service = served.service
         waits = mode == "wait"
-        if service.kind == "exec":
-            stderr = served.stderr.write_fd if served.stderr is not None else self.devnull
-            self.spawns.submit(SpawnRequest(
-                service.program or service.argv[0], service.argv, exec_env(service, peer),
-                sock.fileno() if waits else sock.detach(), stderr, keep_fd=waits,
-                context=(served, listener, peer, ticket, mode)))
-            return
         try:
-            pid = fork_handler(lambda: serve_python(service, sock, remote),
-                               [sock.fileno(), *self.log.fds()], self.log, service.name)
+            if service.kind == "exec":
+                stderr = served.stderr.write_fd if served.stderr is not None else self.devnull
+                pid = self.spawn(service.program or service.argv[0], service.argv,
+                                 exec_env(service, peer), sock.fileno(), stderr)
+            else:
+                pid = fork_handler(lambda: serve_python(service, sock, remote),
+                                   [sock.fileno(), *self.log.fds()], self.log, service.name)
         except OSError as e:
             waiter = None
             if ticket is not None:  # a connection, not a wait-mode socket
@@ -257,25 +245,6 @@ class Spawner:
         self._started(served, Child(pid, service.name, ticket,
                                     wait_key=str(listener.address) if waits else None),
                       listener, peer, mode)
-
-    def _spawned(self, request: SpawnRequest) -> None:
-        """The spawn thread started (or failed to start) an exec child."""
-        served, listener, peer, ticket, mode = request.context
-        if request.pid is None:
-            assert request.error is not None
-            waiter = None
-            if ticket is not None:  # a connection, still open (SpawnQueue closes it once
-                # started): it may wait out a shortage
-                waiter = Waiter(listener, socket.socket(fileno=request.fd), peer, None, ticket)
-            self._not_started(served, listener, ticket, mode, request.error, waiter)
-        else:
-            self._started(served, Child(request.pid, served.service.name, ticket,
-                                        wait_key=str(listener.address) if mode == "wait"
-                                        else None), listener, peer, mode)
-        if self.held and self.spawns.pending <= MAX_SPAWNING // 2:
-            for held in self.held:
-                held.resume("spawning")
-            self.held.clear()
 
     def _not_started(self, served: Served, listener: Listener, ticket: Ticket | None,
                      mode: str | None, error: OSError, waiter: Waiter | None) -> None:
@@ -395,7 +364,10 @@ class Spawner:
             for listener in served.listeners:
                 listener.resume("suspended")
         waiting, served.waiting = served.waiting, []
-        for waiter in waiting:
+        for i, waiter in enumerate(waiting):
+            if served.short:  # short again: the rest wait on, in their order
+                served.waiting.extend(waiting[i:])
+                break
             self._start(served, waiter.listener, waiter.conn, waiter.peer, waiter.remote,
                         waiter.ticket, None)
         self._note_state(served)
@@ -432,7 +404,7 @@ class Spawner:
     def _signals(self, received: set[int]) -> None:
         if signal.SIGTERM in received:
             self.leave("stop")
-        self.children.reap(bool(self.spawns.pending))
+        self.children.reap()
 
     def _notes(self) -> None:
         notes = read_notes(self.link)
@@ -475,7 +447,7 @@ class Spawner:
 
     def _done(self) -> bool:
         return (self.leaving is not None and not self.inline.streams and not self.proxies
-                and not self.spawns.pending and not self.children.running()
+                and not self.children.running()
                 and not any(served.waiting for served in self.served.values()))
 
 

@@ -313,8 +313,7 @@ def recv_all(s: socket.socket, limit: int = 1 << 20) -> bytes:
 
 
 def children_of(pid: int) -> set[int]:
-    """The pids whose parent is `pid`, started by any of its threads (a spawner starts
-    programs from a thread of its own)."""
+    """The pids whose parent is `pid`, whichever of its threads started them."""
     found: set[int] = set()
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:

@@ -138,11 +138,12 @@ async def _serve_all(service: Service, sockets: list[socket.socket], log: Log) -
     pump = _AsyncioLogPump(loop, log)
     serve = _server(service, log, pool, pump)
     serving: set[asyncio.Task[None]] = set()
-    accepting = [asyncio.create_task(_accept_forever(sock, serve, serving)) for sock in sockets]
-    await stop.wait()
-    for task in accepting:
-        task.cancel()
     for sock in sockets:
+        sock.setblocking(False)
+        loop.add_reader(sock, _accept_queued, sock, serve, serving, log, service.name)
+    await stop.wait()
+    for sock in sockets:
+        loop.remove_reader(sock)
         sock.close()  # our copy: the supervisor and other workers keep theirs
     if serving:
         await asyncio.wait(serving)
@@ -151,15 +152,18 @@ async def _serve_all(service: Service, sockets: list[socket.socket], log: Log) -
     log.flush()
 
 
-async def _accept_forever(sock: socket.socket,
-                          serve: Callable[[socket.socket, Any], Any],
-                          serving: set[asyncio.Task[None]]) -> None:
-    loop = asyncio.get_running_loop()
-    while True:
+def _accept_queued(sock: socket.socket, serve: Callable[[socket.socket, Any], Any],
+                   serving: set[asyncio.Task[None]], log: Log, name: str) -> None:
+    """Take what is queued on a listening socket, a task for each connection: one
+    reader bound once, where loop.sock_accept would add and remove one per accept."""
+    for _ in range(ACCEPTS_PER_WAKEUP):
         try:
-            conn, peer = await loop.sock_accept(sock)
-        except (ConnectionAbortedError, InterruptedError):
-            continue
+            conn, peer = sock.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as e:  # out of fds: the other workers and the backlog wait
+            log.event("error", "err", service=name, msg=f"accept failed: {e.strerror}")
+            return
         task = asyncio.create_task(serve(conn, peer))
         serving.add(task)
         task.add_done_callback(serving.discard)

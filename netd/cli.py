@@ -25,7 +25,6 @@ from netd.control import NotRunning, request
 from netd.logs import open_log
 from netd.pidfile import AlreadyRunning, Pidfile
 from netd.sockets import BindError
-from netd.spawn import load_config_apart
 
 EX_FAILED = 1        # stop, reload: no daemon, or no result in time
 EX_NOT_RUNNING = 3   # status: not running (LSB)
@@ -94,7 +93,12 @@ def _load(config_path: str, apart: bool = False) -> Config | None:
     """The config, or None after printing its errors. `apart`: for the process that will
     serve it, loaded in a child (spawn.load_config_apart)."""
     try:
-        return load_config_apart(config_path) if apart else load_config(config_path)
+        if apart:
+            # Here, not at the top: only `run` and `start` need it, and what it imports
+            # (ctypes, pickle, traceback) would slow every `netd check`.
+            from netd.spawn import load_config_apart
+            return load_config_apart(config_path)
+        return load_config(config_path)
     except ConfigError as e:
         for line in e.errors:
             print(line, file=sys.stderr)

@@ -11,6 +11,7 @@ set in the child after the fork, so no connection costs its spawner anything.
 
 from __future__ import annotations
 
+import functools
 import os
 import pwd
 import socket
@@ -23,7 +24,10 @@ PREFIX = "netd: "
 SERVICES_SHOWN = 3  # a spawner of more services names these, then "+N more"
 
 
-def _loaded() -> tuple[Callable[[str], None], Callable[[str], None]] | None:
+@functools.cache
+def _setters() -> tuple[Callable[[str], None], Callable[[str], None]] | None:
+    # Imported at the first title, not with netd: setproctitle imports logging, which
+    # a short command (`netd check`) would otherwise pay for (about 20 ms).
     try:
         from setproctitle import setproctitle, setthreadtitle
     except ImportError:
@@ -31,14 +35,12 @@ def _loaded() -> tuple[Callable[[str], None], Callable[[str], None]] | None:
     return setproctitle, setthreadtitle
 
 
-_setters = _loaded()
-
-
 def _set(title: str, name: str) -> None:
     """`title` is what `ps -o args` shows; `name` (at most 15 bytes, no space, so
     that `ps -C`, `top` and tools reading /proc/PID/stat see one word) is the comm."""
-    if _setters is not None:
-        set_title, set_name = _setters
+    setters = _setters()
+    if setters is not None:
+        set_title, set_name = setters
         set_title(PREFIX + title)
         set_name(name)  # after the title, which sets the comm to its own first bytes
 

@@ -163,7 +163,7 @@ def test_netd_runs_without_setproctitle(start_netd: Callable[..., Netd], sink: S
 def test_titles_are_set_when_setproctitle_is_there() -> None:
     """setproctitle is a dependency of netd (setup.cfg, debian/control through it): the
     tests run with it."""
-    assert proctitle._setters is not None, "setproctitle is not installed"
+    assert proctitle._setters() is not None, "setproctitle is not installed"
     assert "setproctitle" in (REPO / "setup.cfg").read_text()
 
 

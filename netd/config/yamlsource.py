@@ -19,6 +19,7 @@ MAX_NODES = 100_000
 # libyaml's parser (in C, about 5x faster on a large config) where PyYAML was built
 # with it, as Debian's python3-yaml and PyPI's wheels are; the pure-Python one else.
 _LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+STR_TAG = "tag:yaml.org,2002:str"
 
 
 @dataclass(frozen=True)
@@ -132,9 +133,14 @@ class _Converter:
         self.path = path
         self.budget = MAX_NODES
         self.scalars = yaml.SafeLoader("")
+        self.places: dict[int, Where] = {}  # one Where per line, shared by what is on it
 
     def where(self, node: yaml.Node) -> Where:
-        return Where(self.path, node.start_mark.line + 1)
+        line = node.start_mark.line + 1
+        place = self.places.get(line)
+        if place is None:
+            place = self.places[line] = Where(self.path, line)
+        return place
 
     def convert(self, node: yaml.Node) -> Any:
         self.budget -= 1
@@ -148,6 +154,8 @@ class _Converter:
             seq.where = self.where(node)
             seq.item_where = [self.where(item) for item in node.value]
             return seq
+        if node.tag == STR_TAG:
+            return node.value  # what construct_object would return, at a tenth of the cost
         try:
             return self.scalars.construct_object(node, deep=True)
         except yaml.YAMLError as e:

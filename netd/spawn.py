@@ -24,6 +24,7 @@ import signal
 import socket
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 
 from netd import proctitle
 from netd.config import Config, ConfigError, load_config
@@ -167,11 +168,13 @@ def fork_helper(main: Callable[[], None], keep_fds: list[int], identity: Identit
         os._exit(status)
 
 
-def load_config_apart(path: str) -> Config:
+def load_config_apart(path: str, running: tuple[Service, ...] = ()) -> Config:
     """load_config() in a child process: the caller (the supervisor) never imports the
     config's python handler modules (user code, as large as it likes: they are imported
     where they run, in spawners and workers) and keeps none of the parse's garbage.
-    Raises ConfigError as load_config does."""
+    A service equal to one of `running` (the services being served) comes back as that
+    very object: only what changed is sent over and rebuilt, so a reload of a large
+    config never holds two copies of it. Raises ConfigError as load_config does."""
     read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
     pid = os.fork()
     if pid == 0:
@@ -179,7 +182,8 @@ def load_config_apart(path: str) -> Config:
             _become_clean_child([write_fd])
             proctitle.loader(path)
             try:
-                outcome: tuple[str, object] = ("config", load_config(path))
+                outcome: tuple[str, object] = ("config", _unchanged_by_name(load_config(path),
+                                                                             running))
             except ConfigError as e:
                 outcome = ("errors", e.errors)
             data = pickle.dumps(outcome)
@@ -195,8 +199,21 @@ def load_config_apart(path: str) -> Config:
     kind, value = pickle.loads(data) if data else ("errors", [f"{path}: cannot load"])
     if kind == "errors":
         raise ConfigError(list(value))
-    assert isinstance(value, Config)
-    return value
+    config, services = value
+    assert isinstance(config, Config)
+    by_name = {service.name: service for service in running}
+    return replace(config, services=tuple(by_name[entry] if isinstance(entry, str) else entry
+                                          for entry in services))
+
+
+def _unchanged_by_name(config: Config, running: tuple[Service, ...]
+                       ) -> tuple[Config, tuple[Service | str, ...]]:
+    """`config` without its services, and its services in order, each one equal to a
+    running service given by its name only."""
+    by_name = {service.name: service for service in running}
+    return replace(config, services=()), tuple(
+        service.name if by_name.get(service.name) == service else service
+        for service in config.services)
 
 
 def give_back_memory() -> None:

@@ -251,7 +251,7 @@ class Supervisor:
         self.notifier.reloading()
         self.spawners.sync()
         try:
-            changes = self.apply(load_config_apart(self.config.path))
+            changes = self.apply(load_config_apart(self.config.path, self.config.services))
         except ConfigError as e:
             result = {"ok": False, "error": "\n".join(e.errors)}
         except OSError as e:

@@ -31,6 +31,9 @@ from conftest import (
     write_config,
 )
 
+from netd.config import load_config
+from netd.spawn import load_config_apart
+
 EX_CONFIG = 78
 
 
@@ -188,6 +191,27 @@ services:
         assert sink.find(event="reload")[attempt]["result"] == "ok"
         assert echo_roundtrip(port) == b"hello\n"
         assert netd.stop() == 0
+
+
+def test_a_reload_rebuilds_only_the_services_that_changed(tmp_path: Path) -> None:
+    """The config is read in a child: a service equal to a running one comes back as the
+    running object itself, so the supervisor never holds two copies of a large config
+    (in the bench, 1,000 services and 6 reloads had grown its RSS by about 4 MB)."""
+    body = """\
+services:
+  same: {listen: 'tcp://127.0.0.1:7001', builtin: echo}
+  edited: {listen: 'tcp://127.0.0.1:7002', exec: [/bin/cat], env: {GENERATION: '1'}}
+"""
+    path = write_config(tmp_path, body, None)
+    running = load_config(str(path)).services
+    path.write_text(path.read_text().replace("'1'", "'2'") +
+                    "  added: {listen: 'tcp://127.0.0.1:7003', builtin: daytime}\n")
+    same, edited, added = load_config_apart(str(path), running).services
+    assert same is running[0]
+    assert edited is not running[1] and ("GENERATION", "2") in edited.env
+    assert added.name == "added"
+    # With nothing running to compare to, every service is read as it is.
+    assert load_config_apart(str(path)).services[0] == running[0]
 
 
 @pytest.mark.parametrize("how", ["sighup", "netd reload"])

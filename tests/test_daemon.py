@@ -27,6 +27,7 @@ from conftest import (
     Netd,
     SyslogSink,
     connect,
+    distinct_ports,
     free_port,
     netd_env,
     output,
@@ -269,6 +270,27 @@ def test_status_of_named_services_and_check_names(tmp_path: Path, sink: SyslogSi
     assert unknown.returncode == 64 and unknown.stdout == "", output(unknown)
     assert "no service nosuch" in unknown.stderr and "echo, daytime" in unknown.stderr, \
         output(unknown)
+    assert run_netd("stop", "-c", str(config)).returncode == 0
+
+
+def test_status_of_many_services_comes_whole(tmp_path: Path, sink: SyslogSink,
+                                            detached: None) -> None:
+    """The status of 150 services is sent a few dozen services at a time (the supervisor
+    never holds it as one string): the command still reads one reply with every service
+    in order, and the text form lists them all."""
+    ports = distinct_ports(150)
+    config = daemon_config(tmp_path, sink, "".join(
+        f"  s{i:03d}: {{listen: 'tcp://127.0.0.1:{port}', builtin: daytime}}\n"
+        for i, port in enumerate(ports)))
+    result = run_netd("start", "-c", str(config))
+    assert result.returncode == 0, output(result)
+    shown = run_netd("status", "-c", str(config), "--json")
+    assert shown.returncode == 0, output(shown)
+    status = json.loads(shown.stdout)
+    assert [s["name"] for s in status["services"]] == [f"s{i:03d}" for i in range(150)]
+    assert status["services"][149]["listen"][0]["address"] == f"127.0.0.1:{ports[149]}"
+    text = run_netd("status", "-c", str(config))
+    assert all(f"s{i:03d}: listening" in text.stdout for i in range(150)), output(text)
     assert run_netd("stop", "-c", str(config)).returncode == 0
 
 

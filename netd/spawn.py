@@ -107,8 +107,7 @@ class ExecSpawn:
                     raise OSError(failed, f"fd {fd}: {os.strerror(failed)}", program)
             pid = ctypes.c_int()
             failed = _LIBC.posix_spawn(ctypes.byref(pid), made[0], actions, self.attr,
-                                            made[1], _strings([f"{k}={v}"
-                                                               for k, v in env.items()]))
+                                       made[1], _strings([f"{k}={v}" for k, v in env.items()]))
         finally:
             _LIBC.posix_spawn_file_actions_destroy(actions)
         if failed:

@@ -14,7 +14,7 @@ from netd.children import Child, ChildTable
 from netd.logs import Log
 from netd.loop import EventLoop
 from netd.reports import Reporter
-from netd.spawn import signal_group
+from netd.spawn import exited_children, signal_group
 
 KILL_GRACE_S = 5.0  # after max_duration's SIGTERM, SIGKILL
 
@@ -40,13 +40,7 @@ class Reaper:
 
     def reap(self) -> None:
         """Collect every child that has exited."""
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                return
-            if pid == 0:
-                return
+        for pid, status in exited_children():
             child = self.table.pop(pid)
             if child is not None:
                 self._end(child, status)

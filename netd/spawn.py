@@ -23,7 +23,7 @@ import resource
 import signal
 import socket
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 
 from netd import proctitle
@@ -303,6 +303,18 @@ def become(identity: Identity) -> None:
     os.setgroups(list(identity.groups if identity.groups is not None else (identity.gid,)))
     os.setresgid(identity.gid, identity.gid, identity.gid)
     os.setresuid(identity.uid, identity.uid, identity.uid)
+
+
+def exited_children() -> Iterator[tuple[int, int]]:
+    """(pid, wait status) of each child of this process that has exited, reaped now."""
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        yield pid, status
 
 
 def signal_group(pid: int, sig: int) -> None:

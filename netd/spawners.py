@@ -202,7 +202,7 @@ class Spawners:
         self.pool = ChildPool(None)
         self.stop_timeout_s = 0.0
         self.stopping = False
-        self.syncs = 0
+        self.syncs = 0  # the number of the latest sync asked of the spawners
 
     def deploy(self, groups: dict[Identity, Group], pool: ChildPool,
                stop_timeout_s: float) -> None:
@@ -294,7 +294,6 @@ class Spawners:
         """Take in everything every spawner has noted so far (so that counters shown or
         carried over a reload are current): ask each, and wait for the answers, at most
         SYNC_TIMEOUT_S in all (a spawner that does not answer is not waited for)."""
-        self.syncs += 1
         self._sync(list(self.by_pid.values()), {})
 
     def _sync(self, spawners: list[SpawnerHandle], note: dict[str, object]) -> None:

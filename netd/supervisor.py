@@ -35,7 +35,13 @@ from netd.peer import describe
 from netd.reaper import log_exit
 from netd.scrape import MetricsEndpoint, Render
 from netd.sockets import bind, set_file_owner, tune
-from netd.spawn import become_subreaper, give_back_memory, load_config_apart, signal_group
+from netd.spawn import (
+    become_subreaper,
+    exited_children,
+    give_back_memory,
+    load_config_apart,
+    signal_group,
+)
 from netd.spawners import Counts, Group, Spawners
 from netd.systemd import Notifier, adopt
 from netd.worker_pool import WorkerPool
@@ -343,13 +349,7 @@ class Supervisor:
 
     def reap(self) -> None:
         """Collect every process of ours that has exited: spawners, workers, orphans."""
-        while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
-                break
-            if pid == 0:
-                break
+        for pid, status in exited_children():
             pool = self.workers_by_pid.pop(pid, None)
             if pool is not None:
                 log_exit(self.log, pool.service.name, pid, status,

@@ -18,7 +18,7 @@ import os
 import signal
 import socket
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from typing import Any
@@ -91,24 +91,19 @@ class BuiltinWorker:
 
     def _accept(self, sock: socket.socket) -> None:
         proto = "unix" if sock.family == socket.AF_UNIX else "tcp"
-        for _ in range(ACCEPTS_PER_WAKEUP):
-            try:
-                conn, remote = sock.accept()
-            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-                return
-            except OSError as e:  # out of fds: the other workers and the backlog wait
-                self.log.event("error", "err", service=self.service.name,
-                               msg=f"accept failed: {e.strerror}")
-                return
+        for conn, remote in _queued(sock, self.log, self.service.name):
             peer = Peer.of(conn, proto, remote)
             if not _admitted(self.service, self.log, conn, peer):
                 conn.close()
                 continue
-            stream = InlineStream(self.loop, conn, self.stream, self.service.timeout_s,
-                                  _nothing)
-            stream.on_end = partial(self._ended, stream)
-            self.streams.add(stream)
-            stream.start()
+            self._serve(conn)
+
+    def _serve(self, conn: socket.socket) -> None:
+        # on_end is called from start() at the earliest, once `stream` is bound here.
+        stream = InlineStream(self.loop, conn, self.stream, self.service.timeout_s,
+                              lambda reason: self._ended(stream, reason))
+        self.streams.add(stream)
+        stream.start()
 
     def _ended(self, stream: InlineStream, reason: str) -> None:
         self.streams.discard(stream)
@@ -120,10 +115,6 @@ class BuiltinWorker:
         for sock in self.sockets:
             self.loop.unwatch(sock)
             sock.close()  # our copy: the supervisor and other workers keep theirs
-
-
-def _nothing(reason: str) -> None:
-    """Stands for a stream's on_end until the stream itself can be named in it."""
 
 
 # -- python services: asyncio -----------------------------------------------------------
@@ -152,18 +143,26 @@ async def _serve_all(service: Service, sockets: list[socket.socket], log: Log) -
     log.flush()
 
 
+def _queued(sock: socket.socket, log: Log, name: str) -> Iterator[tuple[socket.socket, Any]]:
+    """The connections queued on a listening socket, at most one wake-up's worth. An
+    accept error other than an empty queue is logged and ends the batch (out of fds:
+    the other workers and the backlog wait)."""
+    for _ in range(ACCEPTS_PER_WAKEUP):
+        try:
+            conn, remote = sock.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        except OSError as e:
+            log.event("error", "err", service=name, msg=f"accept failed: {e.strerror}")
+            return
+        yield conn, remote
+
+
 def _accept_queued(sock: socket.socket, serve: Callable[[socket.socket, Any], Any],
                    serving: set[asyncio.Task[None]], log: Log, name: str) -> None:
     """Take what is queued on a listening socket, a task for each connection: one
     reader bound once, where loop.sock_accept would add and remove one per accept."""
-    for _ in range(ACCEPTS_PER_WAKEUP):
-        try:
-            conn, peer = sock.accept()
-        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
-            return
-        except OSError as e:  # out of fds: the other workers and the backlog wait
-            log.event("error", "err", service=name, msg=f"accept failed: {e.strerror}")
-            return
+    for conn, peer in _queued(sock, log, name):
         task = asyncio.create_task(serve(conn, peer))
         serving.add(task)
         task.add_done_callback(serving.discard)

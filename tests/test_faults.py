@@ -415,6 +415,19 @@ def release(s: socket.socket) -> None:
     assert s.recv(16) == b"bye\n"
 
 
+def held_by_nproc(port: int, user: str) -> str:
+    """A service whose children wait for a line, run as `user` with RLIMIT_NPROC 4: its
+    spawner and two or three children reach the limit."""
+    return f"""
+        services:
+          hold:
+            listen: tcp://127.0.0.1:{port}
+            exec: [/bin/sh, -c, 'echo up; read x; echo bye']
+            user: {user}
+            rlimits: {{nproc: 4}}
+        """
+
+
 def fill_up(port: int, sink: SyslogSink, most: int = 8) -> tuple[list[socket.socket],
                                                                   socket.socket]:
     """Connect one client at a time until the service is suspended for want of
@@ -442,14 +455,7 @@ def test_process_limit_pauses_the_service_and_connections_wait(
     line that says so, retries quietly, and the connection in hand waits (neither
     closed nor answered) with the one in the backlog; as children end, each is served."""
     port = free_port()
-    netd = netd_and_children(f"""
-        services:
-          hold:
-            listen: tcp://127.0.0.1:{port}
-            exec: [/bin/sh, -c, 'echo up; read x; echo bye']
-            user: {throwaway_user}
-            rlimits: {{nproc: 4}}
-        """)
+    netd = netd_and_children(held_by_nproc(port, throwaway_user))
     holders, first = fill_up(port, sink)
     waiting = [first]
     try:
@@ -498,14 +504,7 @@ def test_connection_waiting_for_a_process_survives_a_reload(
     connection and starts its child, as the first user, once the limit allows; the new
     spawner serves what comes after."""
     port = free_port()
-    netd = netd_and_children(f"""
-        services:
-          hold:
-            listen: tcp://127.0.0.1:{port}
-            exec: [/bin/sh, -c, 'echo up; read x; echo bye']
-            user: {throwaway_user}
-            rlimits: {{nproc: 4}}
-        """)
+    netd = netd_and_children(held_by_nproc(port, throwaway_user))
     holders, waiting = fill_up(port, sink)
     try:
         netd.config.write_text(netd.config.read_text().replace(
